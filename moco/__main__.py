@@ -1,0 +1,314 @@
+"""Command line: `python -m moco train|eval|demo-data`.
+
+Usage errors print one line and exit with code 2; nothing a user can type ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from moco.config import ARCHS, PRESETS, ConfigError, TrainConfig, build_config, fit_to_data, validate
+
+EXAMPLES = """examples:
+  python -m moco train photos/ --out runs/photos --epochs 100 --val photos_val/
+  python -m moco train --resume runs/photos --epochs 200
+  python -m moco eval runs/photos/checkpoint.pt --train photos/ --val photos_val/ --json
+  python -m moco demo-data data/digits
+"""
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# Hyper-parameters exposed as flags: (field, help). Types and defaults come from TrainConfig and
+# the preset; a flag left unset keeps the preset's value.
+HYPER_PARAMETERS = (
+    ("stem", "ResNet stem: imagenet, small (3x3 conv, no max-pool; for inputs of 64 px and less) or auto "
+             "(small at 32 px and less)"),
+    ("optimizer", "sgd, lars or adamw"),
+    ("base_lr", "learning rate per 256 images (lr = base_lr x batch / 256)"),
+    ("lr", "absolute learning rate (overrides --base-lr)"),
+    ("sgd_momentum", "optimizer momentum"),
+    ("weight_decay", "weight decay"),
+    ("lr_schedule", "cosine or step"),
+    ("warmup_epochs", "linear warm-up length in epochs"),
+    ("head", "projection head: linear (v1), mlp (v2) or v3 (projector + predictor)"),
+    ("dim", "output dimension of the head"),
+    ("mlp_dim", "hidden width of the head (default: backbone width for v2, 4096 for v3)"),
+    ("queue_size", "number of negative keys K (capped below the number of images)"),
+    ("moco_m", "key encoder momentum m"),
+    ("moco_m_cos", "raise the momentum toward 1 on a cosine schedule"),
+    ("temperature", "InfoNCE temperature T"),
+    ("symmetric", "symmetric loss over both views"),
+    ("bn_splits", "split-BN sub-batches on one device (1 = plain BN)"),
+    ("stop_grad_conv1", "freeze the ViT patch projection (MoCo v3 trick)"),
+    ("augment", "augmentation recipe: v1, v2 or v3"),
+    ("crop_min_scale", "smallest random-resized-crop area"),
+    ("augment_on", "device (batched tensor ops on the training device, the default) or workers (per image "
+                   "in loader workers, torchvision's pipeline)"),
+    ("cache", "decode each image once into a memory-mapped cache reused across epochs and runs"),
+    ("cache_dir", "where the decoded-image cache lives (default ~/.cache/moco/decoded or $MOCO_CACHE_DIR)"),
+    ("cache_max_gb", "largest decoded-image cache to build; beyond it training streams from the files"),
+    ("seed", "random seed"),
+    ("deterministic", "deterministic algorithms (exactly repeatable on CPU)"),
+    ("workers", "data loader worker processes"),
+    ("checkpoint_every", "minutes between checkpoints within an epoch"),
+    ("eval_every", "epochs between kNN monitor evaluations (with --val)"),
+    ("knn_k", "neighbours for the kNN monitor"),
+    ("knn_t", "temperature of the weighted kNN vote"),
+    ("log_every", "steps between metrics.jsonl records"),
+    ("channels_last", "channels-last memory format (faster convolutions)"),
+    ("compile", "torch.compile the training step (minutes to start; for long GPU runs)"),
+)
+
+
+def _add_hyper_parameters(parser: argparse.ArgumentParser) -> None:
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    group = parser.add_argument_group("hyper-parameters (default: the preset's value)")
+    for name, help_text in HYPER_PARAMETERS:
+        flag = "--" + name.replace("_", "-")
+        kind = types[name]
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind in ("int", "int | None"):
+            group.add_argument(flag, type=int, default=None, help=help_text)
+        elif kind in ("float", "float | None"):
+            group.add_argument(flag, type=float, default=None, help=help_text)
+        else:
+            group.add_argument(flag, default=None, help=help_text)
+    group.add_argument("--mean", type=_floats, default=None, help="normalisation mean, e.g. 0.485,0.456,0.406")
+    group.add_argument("--std", type=_floats, default=None, help="normalisation std, e.g. 0.229,0.224,0.225")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m moco", description="MoCo self-supervised training of image "
+                           "embeddings (v1, v2, v3).", epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = commands.add_parser("train", help="train on a folder of images (labels not needed)",
+                                description="Train a MoCo model on any folder tree of images. Sub-folder "
+                                "names are used only as labels for monitoring.")
+    train.add_argument("data_dir", nargs="?", help="folder of images (jpg, png, webp, bmp, tif, gif)")
+    train.add_argument("--out", help="run folder (default: runs/<folder name>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    train.add_argument("--preset", default=None, help=f"recipe: {', '.join(PRESETS)} (default v2)")
+    train.add_argument("--arch", default=None, help=f"backbone: {', '.join(ARCHS)} (default resnet18)")
+    train.add_argument("--image-size", type=int, default=None, help="training resolution (default 64)")
+    train.add_argument("--batch-size", type=int, default=None, help="images per step (default 256, "
+                       "lowered to fit a small folder)")
+    train.add_argument("--epochs", type=int, default=None, help="epochs (default 100; with --resume, "
+                       "a larger value extends the run)")
+    train.add_argument("--val", help="labeled folder for the kNN monitor")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    _add_hyper_parameters(train)
+
+    evaluate = commands.add_parser("eval", help="kNN, linear-probe and few-label accuracy of a checkpoint",
+                                   description="Evaluate frozen backbone features with folder labels.")
+    evaluate.add_argument("checkpoint", help="checkpoint.pt or its run folder")
+    evaluate.add_argument("--train", required=True, help="labeled folder the classifiers learn from")
+    evaluate.add_argument("--val", required=True, help="labeled folder they are scored on")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    evaluate.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised "
+                          "backbone of the checkpoint's architecture instead (the baseline; its batch-norm "
+                          "statistics are measured on --train images so it is not crippled)")
+    evaluate.add_argument("--seeds", type=int, default=3, help="seeds for the few-label figures (default 3)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    evaluate.add_argument("--workers", type=int, default=1, help="data loader workers")
+
+    demo = commands.add_parser("demo-data", help="write the built-in demo set (scikit-learn digits)",
+                               description="Write scikit-learn's 1,797 bundled handwritten digits as 32 px "
+                               "PNG files in one folder per class.")
+    demo.add_argument("out_dir", help="folder to write into")
+    return parser
+
+
+def _given_hyper_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    names = [f.name for f in fields(TrainConfig)]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from moco import distributed
+    from moco.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+    from moco.data import DataError, open_folder
+    from moco.train import Trainer, TrainingDiverged, TrainingStopped, pick_device
+
+    world = distributed.world_from_env()
+    say = print if world.is_main else (lambda *a, **k: None)  # torchrun: rank 0 speaks for all
+    state = None
+    if args.resume:
+        try:
+            state = load_checkpoint(args.resume)
+        except CheckpointError as err:
+            raise UsageError(str(err)) from None
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        config = TrainConfig.from_dict(state["config"])
+        changed = {k: v for k, v in _given_hyper_parameters(args).items() if k not in ("epochs", "workers")}
+        if changed or args.data_dir:
+            raise UsageError("--resume continues a run as it was; only --epochs, --workers and --device "
+                             f"may be given (got {', '.join(changed) or 'DATA_DIR'})")
+        data_dir, val_dir = state["data"]["root"], state["data"].get("val")
+        done = state["progress"]["epoch"]
+        if args.workers is not None:
+            config.workers = args.workers
+        if args.epochs is not None and args.epochs != config.epochs:
+            if args.epochs <= done:
+                raise UsageError(f"the run has completed {done} epochs; --epochs must be larger to extend it")
+            say(f"re-planning the LR and momentum schedules over {args.epochs} epochs (was {config.epochs})")
+            config.epochs = args.epochs
+        if done >= config.epochs:
+            say(f"nothing to do: the run in {run_dir} has completed {done}/{config.epochs} epochs "
+                "(pass a larger --epochs to extend it)")
+            return 0
+    else:
+        if not args.data_dir:
+            raise UsageError("give a DATA_DIR to train on, or --resume RUN_DIR")
+        data_dir, val_dir = args.data_dir, args.val
+        run_dir = Path(args.out) if args.out else Path("runs") / Path(args.data_dir).resolve().name
+        if (run_dir / CHECKPOINT_NAME).exists() and world.is_main:
+            raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick "
+                             "another --out")
+        try:
+            config = build_config(_given_hyper_parameters(args))
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
+    try:
+        device = pick_device(args.device, world.local_rank)
+        folder = open_folder(data_dir)
+        val = open_folder(val_dir, classes=folder.classes) if val_dir else None
+    except (ValueError, DataError) as err:
+        raise UsageError(str(err)) from None
+    if val is not None and (len(folder.labeled) == 0 or len(val.labeled) == 0):
+        raise UsageError("--val needs labeled sub-folders (one per class) in both DATA_DIR and the val "
+                         "folder, with matching names")
+    if state is None:
+        try:
+            config.notes = fit_to_data(config, len(folder.refs), batch_size_given=args.batch_size is not None)
+            validate(config)
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
+        for note in config.notes:
+            say(f"note: {note}")
+    if config.batch_size % world.size:
+        raise UsageError(f"--batch-size {config.batch_size} is the global batch: it must be divisible by the "
+                         f"{world.size} processes")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    processes = f", {world.size} processes" if world.enabled else ""
+    say(f"{'resuming' if state else 'training'} {config.preset} {config.arch} on {len(folder.refs)} images "
+        f"from {data_dir} ({device.type}{processes}); run folder {run_dir}")
+    say("configuration: " + json.dumps(config.to_dict(), sort_keys=True))
+    distributed.init(world, device)
+    try:
+        trainer = Trainer(config, folder, run_dir, device=device, val=val, state=state, world=world)
+        progress = trainer.run()
+    except TrainingStopped as stop:
+        say(f"{stop}; checkpoint saved in {run_dir}. Continue with: python -m moco train --resume {run_dir}")
+        return 128 + stop.signum
+    except TrainingDiverged as err:
+        if world.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+    skipped = len(progress.skipped)
+    say(f"done: {progress.epoch} epochs, {progress.step} steps in {progress.elapsed / 60:.1f} min; "
+        f"{skipped} file{'s' if skipped != 1 else ''} skipped; checkpoint {run_dir / CHECKPOINT_NAME}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from moco.backbones import build_backbone
+    from moco.checkpoint import CheckpointError, load_backbone
+    from moco.config import resolve_stem
+    from moco.data import DataError, open_folder
+    from moco.evaluate import evaluate_backbone, format_table, recalibrate_batchnorm
+    from moco.train import pick_device
+
+    try:
+        backbone, config_dict = load_backbone(args.checkpoint)
+        device = pick_device(args.device)
+        train = open_folder(args.train)
+        val = open_folder(args.val, classes=train.classes)
+    except (CheckpointError, DataError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if len(train.labeled) == 0 or len(val.labeled) == 0:
+        raise UsageError("eval needs labeled sub-folders (one per class) in both --train and --val")
+    if args.seeds < 1:
+        raise UsageError("--seeds must be at least 1")
+    config = TrainConfig.from_dict(config_dict)
+    backbone = backbone.to(device)
+    if args.random_init:
+        torch.manual_seed(config.seed)
+        backbone = build_backbone(config.arch, stem=resolve_stem(config), image_size=config.image_size).to(device)
+        recalibrate_batchnorm(backbone, train, image_size=config.image_size, mean=config.mean, std=config.std,
+                              device=device, workers=args.workers, seed=config.seed)
+    if config.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    try:
+        results, failures = evaluate_backbone(
+            backbone, train, val, image_size=config.image_size, mean=config.mean, std=config.std,
+            device=device, workers=args.workers, seeds=tuple(range(args.seeds)),
+            knn_k=config.knn_k, knn_t=config.knn_t)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for failure in failures:
+        print(f"skipped {failure.relpath}: {failure.reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        what = "random-init " if args.random_init else ""
+        print(format_table(results, f"{what}{config.arch} @ {config.image_size}px: {len(train.labeled)} train, "
+                                    f"{len(val.labeled)} val images, {len(train.classes)} classes"))
+    return 0
+
+
+def run_demo_data(args: argparse.Namespace) -> int:
+    from moco.demo import write_digits
+
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    count = write_digits(out)
+    print(f"wrote {count} digit images in 10 class folders under {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"train": run_train, "eval": run_eval, "demo-data": run_demo_data}
+    try:
+        return commands[args.command](args)
+    except UsageError as err:
+        print(f"python -m moco {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

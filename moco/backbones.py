@@ -1,0 +1,53 @@
+"""torchvision backbones with their classifier removed, so they output pooled features."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models
+
+WIDTHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "vit_small": 384}
+
+
+def build_backbone(arch: str, *, stem: str = "imagenet", image_size: int = 224) -> nn.Module:
+    """A randomly initialised backbone mapping a normalized float batch to [N, width] features.
+
+    No pretrained weights anywhere: self-supervised training starts from scratch, and the
+    tool must work without a network connection.
+    """
+    if arch.startswith("resnet"):
+        # zero_init_residual follows the official MoCo/torchvision ImageNet recipes.
+        net = getattr(models, arch)(weights=None, zero_init_residual=True)
+        if stem == "small":
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        net.fc = nn.Identity()
+        return net
+    if arch == "vit_small":
+        # ViT-S/16 as in the MoCo v3 paper: 12 layers, 6 heads, width 384.
+        net = models.VisionTransformer(image_size=image_size, patch_size=16, num_layers=12,
+                                       num_heads=6, hidden_dim=384, mlp_dim=1536)
+        net.heads = nn.Identity()
+        return net
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def freeze_patch_projection(backbone: nn.Module) -> None:
+    """MoCo v3's stability trick for ViT: a fixed random patch projection."""
+    conv = getattr(backbone, "conv_proj", None)
+    if conv is not None:
+        for param in conv.parameters():
+            param.requires_grad = False
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def feature_width(backbone: nn.Module, image_size: int) -> int:
+    was_training = backbone.training
+    backbone.eval()
+    width = backbone(torch.zeros(1, 3, image_size, image_size)).shape[1]
+    backbone.train(was_training)
+    return int(width)

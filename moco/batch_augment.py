@@ -1,0 +1,232 @@
+"""Two-view augmentation as batched tensor math on the training device.
+
+The per-image torchvision pipeline (`moco.augment`) spends a worker process per image on
+PIL calls; here a whole batch is cropped, resized, colour-jittered, blurred and flipped in a
+handful of tensor ops, on the GPU when there is one. Each sample draws its own parameters from
+the same distributions as the per-image pipeline; the functional ops below take per-sample
+parameter tensors and match torchvision's functional transforms for equal parameters (tested).
+
+Images arrive as uint8 [N, 3, H, W] padded to a common size, with each image's true (h, w).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from moco.augment import BLUR_KERNEL, BLUR_SIGMA
+
+GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # the luma weights of torchvision's rgb_to_grayscale
+
+
+# -- parameter sampling ---------------------------------------------------------------------------
+def sample_crop_boxes(sizes: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                      attempts: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+    """RandomResizedCrop's box sampler, vectorised: up to `attempts` (area, aspect) draws per
+    image, the first that fits wins, else the central crop clamped to the ratio range.
+
+    sizes: [N, 2] (h, w). Returns boxes [N, 4] as (x0, y0, x1, y1) in pixels.
+    """
+    n = sizes.shape[0]
+    h, w = sizes[:, 0:1].float(), sizes[:, 1:2].float()
+    area = h * w
+    target = area * torch.empty(n, attempts).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_ratio)
+    cw = torch.sqrt(target * aspect).round()
+    ch = torch.sqrt(target / aspect).round()
+    fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+    first = torch.argmax(fits.int(), dim=1)
+    any_fit = fits.any(dim=1)
+    rows = torch.arange(n)
+    cw, ch = cw[rows, first], ch[rows, first]
+    # Fallback (as torchvision): whole image, cropped to the nearest allowed aspect ratio.
+    in_ratio = w[:, 0] / h[:, 0]
+    fb_w = torch.where(in_ratio < ratio[0], w[:, 0], torch.where(in_ratio > ratio[1], (h[:, 0] * ratio[1]).round(),
+                                                                  w[:, 0]))
+    fb_h = torch.where(in_ratio < ratio[0], (w[:, 0] / ratio[0]).round(), h[:, 0])
+    cw = torch.where(any_fit, cw, fb_w)
+    ch = torch.where(any_fit, ch, fb_h)
+    u = torch.rand(n, 2, generator=generator)
+    x0 = torch.where(any_fit, torch.floor(u[:, 0] * (w[:, 0] - cw + 1)), torch.floor((w[:, 0] - cw) / 2))
+    y0 = torch.where(any_fit, torch.floor(u[:, 1] * (h[:, 0] - ch + 1)), torch.floor((h[:, 0] - ch) / 2))
+    return torch.stack([x0, y0, x0 + cw, y0 + ch], dim=1)
+
+
+# -- functional ops on float [N, 3, H, W] in [0, 1], parameters per sample -----------------------
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each box and resize it to size x size with bilinear sampling; roi_align averages
+    several samples per output pixel when shrinking, which stands in for antialiasing."""
+    index = torch.arange(images.shape[0], device=images.device, dtype=images.dtype).unsqueeze(1)
+    rois = torch.cat([index, boxes.to(images.device, images.dtype)], dim=1)
+    # aligned=True: box corners are pixel edges, pixel j spans [j, j+1), as in torchvision crops.
+    return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.device, like.dtype).view(-1, 1, 1, 1)
+
+
+def grey(images: torch.Tensor) -> torch.Tensor:
+    r, g, b = images.unbind(dim=1)
+    return (GREY_WEIGHTS[0] * r + GREY_WEIGHTS[1] * g + GREY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (images * _per_sample(factor, images)).clamp_(0, 1)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = grey(images).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_sample(factor, images)
+    return (f * images + (1 - f) * mean).clamp_(0, 1)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = _per_sample(factor, images)
+    return (f * images + (1 - f) * grey(images)).clamp_(0, 1)
+
+
+def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by `shift` (fraction of a turn, in [-0.5, 0.5]) through HSV, as torchvision."""
+    r, g, b = images.unbind(dim=1)
+    maxc, _ = images.max(dim=1)
+    minc, _ = images.min(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + shift.to(images.device, images.dtype).view(-1, 1, 1), 1.0)
+    v = maxc
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0, 1)
+    q = (v * (1.0 - s * f)).clamp(0, 1)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
+    mask = i.unsqueeze(1) == torch.arange(6, device=images.device).view(1, -1, 1, 1)
+    a1 = torch.stack((v, q, p, p, t, v), dim=1)
+    a2 = torch.stack((t, v, v, q, p, p), dim=1)
+    a3 = torch.stack((p, p, t, v, v, q), dim=1)
+    a4 = torch.stack((a1, a2, a3), dim=1)
+    return torch.einsum("nijk,nxijk->nxjk", mask.to(images.dtype), a4)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_KERNEL) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image, as two grouped convolutions with
+    reflect padding (torchvision's gaussian_blur pads the same way)."""
+    n, c, h, w = images.shape
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (x.view(1, -1) / sigma.to(images.device, images.dtype).view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n*c, k]
+    pad = kernel_size // 2
+    flat = F.pad(images.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    flat = F.conv2d(flat, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    flat = F.conv2d(flat, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+def solarize(images: torch.Tensor, apply: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
+    flipped = torch.where(images >= threshold, 1.0 - images, images)
+    return torch.where(_per_sample(apply, images).bool(), flipped, images)
+
+
+# -- the pipeline --------------------------------------------------------------------------------
+class BatchView:
+    """One view's recipe (v1, v2 or v3), applied to a whole batch with per-sample draws."""
+
+    def __init__(self, recipe: str, image_size: int, crop_min_scale: float, *, view: int) -> None:
+        self.size = image_size
+        self.scale = (crop_min_scale, 1.0)
+        if recipe == "v1":
+            self.jitter, self.jitter_p, self.blur_p, self.solarize_p = (0.4, 0.4, 0.4, 0.4), 1.0, 0.0, 0.0
+        elif recipe == "v2":
+            self.jitter, self.jitter_p, self.blur_p, self.solarize_p = (0.4, 0.4, 0.4, 0.1), 0.8, 0.5, 0.0
+        elif recipe == "v3":
+            self.jitter, self.jitter_p = (0.4, 0.4, 0.2, 0.1), 0.8
+            self.blur_p, self.solarize_p = (1.0, 0.0) if view == 1 else (0.1, 0.2)
+        else:
+            raise ValueError(f"unknown augmentation recipe {recipe!r}")
+        self.grey_first = recipe == "v1"  # v1 applies RandomGrayscale before the jitter
+
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n = images.shape[0]
+        device = images.device
+
+        def draw(*shape: int) -> torch.Tensor:  # CPU draws: the same stream on any device
+            return torch.rand(*shape, generator=generator).to(device)
+
+        boxes = sample_crop_boxes(sizes, self.scale, generator=generator)
+        x = crop_resize(images, boxes, self.size)
+        if self.grey_first:
+            x = self._grey(x, draw(n) < 0.2)
+        x = self._jitter(x, draw)
+        if not self.grey_first:
+            x = self._grey(x, draw(n) < 0.2)
+        if self.blur_p > 0:
+            use = draw(n) < self.blur_p
+            sigma = BLUR_SIGMA[0] + draw(n) * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
+            x = torch.where(use.view(-1, 1, 1, 1), gaussian_blur(x, sigma), x)
+        if self.solarize_p > 0:
+            x = solarize(x, draw(n) < self.solarize_p)
+        flip = draw(n) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+    @staticmethod
+    def _grey(x: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+        return torch.where(use.view(-1, 1, 1, 1), grey(x).expand_as(x), x)
+
+    def _jitter(self, x: torch.Tensor, draw) -> torch.Tensor:
+        """ColorJitter with per-sample factors and a per-sample random order of the four ops:
+        at each of the four positions every sample applies the op its order names there."""
+        n = x.shape[0]
+        b, c, s, h = self.jitter
+        factors = {
+            0: 1 + (draw(n) * 2 - 1) * b,
+            1: 1 + (draw(n) * 2 - 1) * c,
+            2: 1 + (draw(n) * 2 - 1) * s,
+            3: (draw(n) * 2 - 1) * h,
+        }
+        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        order = torch.argsort(draw(n, 4), dim=1)
+        use = (draw(n) < self.jitter_p).view(-1, 1, 1, 1)
+        out = x
+        for position in range(4):
+            if x.device.type == "cpu":
+                # Each op only on the samples that apply it here: 4 op evaluations, not 16.
+                step = out.clone()
+                for op_index, op in enumerate(ops):
+                    rows = torch.nonzero(order[:, position] == op_index).squeeze(1)
+                    if rows.numel():
+                        step[rows] = op(out[rows], factors[op_index][rows])
+            else:
+                # On a GPU, masks avoid the host synchronisation that nonzero() would force.
+                step = out
+                for op_index, op in enumerate(ops):
+                    chosen = (order[:, position] == op_index).view(-1, 1, 1, 1)
+                    step = torch.where(chosen, op(out, factors[op_index]), step)
+            out = step
+        return torch.where(use, out, x)
+
+
+class BatchTwoViews:
+    """Two views of a padded uint8 batch, as float [N, 3, S, S] in [0, 1] on its device."""
+
+    def __init__(self, recipe: str, image_size: int, crop_min_scale: float) -> None:
+        self.first = BatchView(recipe, image_size, crop_min_scale, view=1)
+        self.second = BatchView(recipe, image_size, crop_min_scale, view=2)
+
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float().div_(255)
+        return self.first(x, sizes, generator), self.second(x, sizes, generator)

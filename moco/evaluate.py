@@ -1,0 +1,129 @@
+"""Frozen-feature evaluation: the kNN monitor during training and `moco eval` afterwards.
+
+Images are resized exactly as the exported ONNX model's metadata says (`indexer.images`), and
+the classifiers are the numpy-level ones in `indexer.analysis`, so `moco eval` and
+`indexer eval` agree on the same data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from indexer import analysis
+from moco.augment import normalize_on_device
+from moco.data import EvalImages, Failure, ImageFolder, make_loader
+
+
+@dataclass
+class Features:
+    vectors: np.ndarray  # float32 [M, D], L2-normalised
+    indices: np.ndarray  # which refs of the folder they belong to (failed files are left out)
+    failures: list[Failure]
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, folder: ImageFolder, indices: np.ndarray, *, image_size: int,
+                     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                     batch_size: int = 128, workers: int = 1, channels_last: bool = True,
+                     desc: str = "features") -> Features:
+    refs = [folder.refs[i] for i in indices]
+    loader = make_loader(EvalImages(refs, image_size), workers=workers, batch_size=batch_size,
+                         pin_memory=device.type == "cuda")
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    was_training = backbone.training
+    backbone.eval()
+    vectors, kept, failures = [], [], []
+    for batch, failed in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        failures.extend(Failure(int(indices[f.index]), f.relpath, f.reason) for f in failed)
+        if batch is None:
+            continue
+        images, positions = batch
+        x = normalize_on_device(images.to(device, non_blocking=True), mean_t, std_t, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = backbone(x)
+        vectors.append(F.normalize(out.float(), dim=1).cpu().numpy())
+        kept.append(indices[positions.numpy()])
+    backbone.train(was_training)
+    dim = vectors[0].shape[1] if vectors else 0
+    return Features(
+        vectors=np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
+        indices=np.concatenate(kept) if kept else np.zeros(0, np.int64),
+        failures=failures,
+    )
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(backbone: nn.Module, folder: ImageFolder, *, image_size: int, mean, std,
+                          device: torch.device, workers: int, max_images: int = 2048, seed: int = 0) -> None:
+    """Replace batch-norm running statistics by exact averages over (up to) `max_images` images.
+
+    A freshly initialised network has running statistics of 0 and 1, which in eval mode make
+    its features vanish through the layers: a baseline that weak would flatter any trained
+    model. With statistics measured on the data, the random-network baseline is the honest one.
+    """
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all batches seen
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(folder.refs))[:max_images])
+    loader = make_loader(EvalImages([folder.refs[i] for i in chosen], image_size), workers=workers,
+                         batch_size=128, pin_memory=device.type == "cuda")
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    backbone.train()
+    for batch, _ in tqdm(loader, desc="BN statistics", unit="batch", leave=False, dynamic_ncols=True):
+        if batch is not None and batch[0].shape[0] > 1:
+            backbone(normalize_on_device(batch[0].to(device), mean_t, std_t, channels_last=False))
+    backbone.eval()
+    for bn in norms:
+        bn.momentum = 0.1
+
+
+class KnnMonitor:
+    """Weighted kNN top-1 of val features against labeled train features, during training."""
+
+    def __init__(self, train: ImageFolder, val: ImageFolder, *, image_size: int, mean, std,
+                 device: torch.device, workers: int, k: int, temperature: float) -> None:
+        self.train, self.val = train, val
+        self.options = dict(image_size=image_size, mean=mean, std=std, device=device, workers=workers)
+        self.k, self.temperature = k, temperature
+
+    def __call__(self, backbone: nn.Module) -> float:
+        train = extract_features(backbone, self.train, self.train.labeled, desc="kNN train", **self.options)
+        val = extract_features(backbone, self.val, self.val.labeled, desc="kNN val", **self.options)
+        return analysis.knn_top1(train.vectors, self.train.labels[train.indices], val.vectors,
+                                 self.val.labels[val.indices], k=self.k, temperature=self.temperature)
+
+
+METRICS = (("knn_top1", "weighted kNN top-1"), ("linear_top1", "linear probe top-1"),
+           ("few_label_1pct", "1% labels top-1"), ("few_label_10pct", "10% labels top-1"))
+
+
+def evaluate_backbone(backbone: nn.Module, train: ImageFolder, val: ImageFolder, *, image_size: int,
+                      mean, std, device: torch.device, workers: int, seeds: tuple[int, ...],
+                      knn_k: int = 200, knn_t: float = 0.1) -> tuple[dict[str, float], list[Failure]]:
+    options = dict(image_size=image_size, mean=mean, std=std, device=device, workers=workers)
+    train_f = extract_features(backbone, train, train.labeled, desc="train features", **options)
+    val_f = extract_features(backbone, val, val.labeled, desc="val features", **options)
+    if len(train_f.indices) == 0 or len(val_f.indices) == 0:
+        raise ValueError("no labeled images could be read in the train or val folder")
+    results = analysis.evaluate_features(train_f.vectors, train.labels[train_f.indices], val_f.vectors,
+                                         val.labels[val_f.indices], seeds=seeds, knn_k=knn_k, knn_t=knn_t)
+    return results, train_f.failures + val_f.failures
+
+
+def format_table(results: dict[str, float], title: str) -> str:
+    lines = [title, f"{'metric':<22}{'mean':>8}{'std':>8}"]
+    for key, name in METRICS:
+        lines.append(f"{name:<22}{results[key]:>8.4f}{results[key + '_std']:>8.4f}")
+    return "\n".join(lines)
