@@ -52,24 +52,20 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         splits = split_count(x.shape[0], self.num_splits)
         if not self.training or splits == 1:
             return super().forward(x)
-        blocks = x.chunk(splits)
-        out = torch.cat([F.batch_norm(block, None, None, self.weight, self.bias, True, 0.0, self.eps)
-                         for block in blocks])
-        if self.track_running_stats:
-            self._update_running_stats(blocks)
-        return out
-
-    @torch.no_grad()
-    def _update_running_stats(self, blocks: tuple[torch.Tensor, ...]) -> None:
-        """One momentum step toward the average of the sub-batch statistics."""
-        dims = [0, *range(2, blocks[0].dim())]
-        stats = [torch.var_mean(block, dim=dims, correction=1) for block in blocks]
-        var = torch.stack([v for v, _ in stats]).mean(0)
-        mean = torch.stack([m for _, m in stats]).mean(0)
         momentum = self.momentum if self.momentum is not None else 0.1
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_(var.to(self.running_var.dtype), momentum)
-        self.num_batches_tracked.add_(1)
+        track = self.track_running_stats
+        # Each sub-batch updates its own copy of the running statistics inside the fused
+        # batch_norm kernel (no extra pass over the activations); the copies are then averaged.
+        means = [self.running_mean.clone() if track else None for _ in range(splits)]
+        variances = [self.running_var.clone() if track else None for _ in range(splits)]
+        out = torch.cat([F.batch_norm(block, means[i], variances[i], self.weight, self.bias, True, momentum, self.eps)
+                         for i, block in enumerate(x.chunk(splits))])
+        if track:
+            with torch.no_grad():
+                self.running_mean.copy_(torch.stack(means).mean(0))
+                self.running_var.copy_(torch.stack(variances).mean(0))
+                self.num_batches_tracked.add_(1)
+        return out
 
 
 def use_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:

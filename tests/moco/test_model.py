@@ -162,3 +162,14 @@ def test_v3_forward_runs_and_backpropagates():
     loss.backward()
     assert model.predictor[0].weight.grad is not None
     assert all(p.grad is None for p in model.encoder_k.parameters())
+
+
+def test_v3_with_a_vit_backbone_uses_the_published_vit_recipe():
+    config = build_config(dict(preset="v3", arch="vit_small", image_size=32, queue_size=0, dim=8, mlp_dim=16))
+    assert (config.optimizer, config.temperature, config.stop_grad_conv1) == ("adamw", 0.2, True)
+    torch.manual_seed(0)
+    model = MoCo(config)
+    assert not any(p.requires_grad for p in model.encoder_q.backbone.conv_proj.parameters())  # frozen patches
+    loss = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), 0.99)
+    loss.backward()
+    assert torch.isfinite(loss) and model.encoder_q.backbone.encoder.layers[0].mlp[0].weight.grad is not None

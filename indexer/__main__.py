@@ -1,0 +1,270 @@
+"""Command line: ``python -m indexer build|update|search|info|eval|dupes|merge``.
+
+Exit codes: 0 done; 1 nothing could be indexed (every file bad) or a search found nothing to
+search; 2 bad input (arguments, paths, a locked or foreign collection, a model that breaks
+Contract 2), printed as one line without a traceback. Heavy imports (FAISS, ONNX Runtime)
+happen after parsing, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """examples:
+  python -m indexer build photos/ --model models/flowers.onnx       # -> indexes/photos
+  python -m indexer update indexes/photos
+  python -m indexer search indexes/photos query.jpg -k 5 --json
+  python -m indexer info indexes/photos
+  python -m indexer eval indexes/photos
+  python -m indexer dupes indexes/photos --threshold 0.97
+  python -m indexer build photos/ --shard 0/4 --out parts/p0   # on each of 4 machines, then:
+  python -m indexer merge parts/p0 parts/p1 parts/p2 parts/p3 --out indexes/photos
+
+exit codes: 0 done; 1 no image could be indexed; 2 bad input
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (exit 2) instead of the whole usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _similarity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a similarity in (-1, 1], got {text!r}") from None
+    if not -1.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a similarity in (-1, 1], got {value}")
+    return value
+
+
+def _writer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="ONNX model from 'python -m exports' (default: the newest "
+                   "models/*.onnx for build; the collection's own model for update)")
+    p.add_argument("--index", default="auto", help="auto (exact up to 20k items at D=512, then IVF tuned to "
+                   "recall@10 >= 0.95), flat, hnsw, ivf, or a FAISS factory string such as 'IVF1024,SQ8'")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where ONNX Runtime and FAISS run (default auto: GPU when usable)")
+    p.add_argument("--batch-size", type=_positive, default=64, help="images per model call (default 64)")
+    p.add_argument("--workers", type=_positive, default=None, help="decoding threads (default: one per core)")
+    p.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime threads (default: one per "
+                   "physical core)")
+    p.add_argument("--max-pixels", type=_positive, default=None, help="refuse images with more pixels than "
+                   "this (decompression-bomb guard; default 100,000,000)")
+    p.add_argument("--rebuild", action="store_true", help="re-embed everything (needed after changing the model)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="python -m indexer",
+        description="Embed image folders with an exported ONNX model, index them with FAISS, search them.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="embed and index an image folder (incremental when the collection exists)",
+                       description="Embed every image under IMAGE_DIR (recursively; label = first sub-folder) "
+                       "and write a collection. Bad files are recorded and skipped.")
+    p.add_argument("image_dir", type=Path, help="folder of images")
+    p.add_argument("--out", type=Path, help="collection folder (default indexes/<folder name>)")
+    p.add_argument("--shard", help="embed only shard i of n (e.g. 0/4), or 'env' for RANK/WORLD_SIZE (torchrun) "
+                   "or SLURM_PROCID/SLURM_NTASKS; join the parts with 'merge'")
+    _writer_options(p)
+
+    p = sub.add_parser("update", help="embed new or changed files, drop deleted ones",
+                       description="Bring a collection up to date with its image folder: new and changed "
+                       "files are embedded (size+mtime, then content hash), deleted ones removed.")
+    p.add_argument("collection", type=Path)
+    _writer_options(p)
+
+    p = sub.add_parser("search", help="the most similar images to a query image")
+    p.add_argument("collection", type=Path)
+    p.add_argument("query", type=Path, help="query image file")
+    p.add_argument("-k", type=_positive, default=10, help="number of results (default 10)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {id, path, score, label}, best first")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+    p = sub.add_parser("info", help="what a collection holds: counts, model, index recipe, measured recall")
+    p.add_argument("collection", type=Path)
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    p = sub.add_parser("eval", help="kNN, linear and few-label accuracy from the folder labels")
+    p.add_argument("collection", type=Path)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("dupes", help="groups of near-duplicate images")
+    p.add_argument("collection", type=Path)
+    p.add_argument("--threshold", type=_similarity, default=None, help="cosine similarity above which two "
+                   "images are duplicates (default 0.95)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of groups of {id, path}")
+
+    p = sub.add_parser("merge", help="join part collections from 'build --shard' into one")
+    p.add_argument("parts", type=Path, nargs="+", metavar="PART")
+    p.add_argument("--out", type=Path, required=True, help="the merged collection")
+    p.add_argument("--index", default="auto", help="index recipe, as for build")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    from indexer.images import DEFAULT_MAX_PIXELS
+
+    return {"index": args.index, "device": args.device, "batch_size": args.batch_size, "workers": args.workers,
+            "threads": args.threads, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
+            "progress": not args.no_progress}
+
+
+def _print_summary(summary: Any, directory: Path) -> None:
+    print(f"collection  {directory}")
+    for line in summary.lines():
+        print(line)
+
+
+def run(args: argparse.Namespace) -> int:
+    from indexer import ann
+    from indexer.collection import Collection, describe_recipe, parse_shard
+
+    if args.command in ("build", "update"):
+        try:
+            ann.choose_recipe(100, 8, args.index)  # a bad --index fails now, not after embedding
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if args.command == "build":
+        try:
+            shard = parse_shard(args.shard)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        out = args.out
+        if out is None:
+            name = args.image_dir.expanduser().resolve().name
+            out = Path("indexes") / (f"{name}.part-{shard[0]}-of-{shard[1]}" if shard else name)
+        col = Collection.build(args.image_dir, out, model=args.model, rebuild=args.rebuild, shard=shard,
+                               **_options(args))
+        _print_summary(col.summary, out)
+        return 0
+    if args.command == "update":
+        from indexer.collection import update
+
+        new = update(args.collection, model=args.model, rebuild=args.rebuild, **_options(args))
+        _print_summary(new.summary, args.collection)
+        return 0
+    if args.command == "merge":
+        col = Collection.merge(args.parts, args.out, index=args.index, device=args.device,
+                               progress=not args.no_progress)
+        _print_summary(col.summary, args.out)
+        return 0
+
+    col = Collection.open(args.collection, device=getattr(args, "device", "auto"))
+    if args.command == "search":
+        from indexer.images import ImageDecodeError
+
+        try:
+            hits = col.search_image(args.query, args.k)
+        except ImageDecodeError as exc:
+            raise UsageError(f"cannot read the query image: {exc}") from None
+        if args.json:
+            print(json.dumps([h.to_json() for h in hits], indent=2))
+        else:
+            for rank, h in enumerate(hits, 1):
+                print(f"{rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{h.label}]" if h.label else ""))
+        return 0
+    if args.command == "info":
+        m = col.manifest
+        if args.json:
+            print(json.dumps(m, indent=2, sort_keys=True))
+            return 0
+        counts = m["counts"]
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counts.get("skipped_by_reason", {}).items())) or "none"
+        props = m["model"]["props"]
+        lines = [
+            f"collection  {col.directory} (format {m['format_version']}, generation {m['generation']})",
+            f"images      {m['image_root']}" + (f" (shard {m['shard'][0]}/{m['shard'][1]})" if m.get("shard") else ""),
+            f"items       {counts['indexed']:,} indexed, {counts['skipped']:,} skipped ({reasons})",
+            f"model       {props.get('moco.arch', '?')} {props.get('moco.preset', '')}, {props['moco.image_size']} px, "
+            f"D={m['dim']}, sha256 {m['model']['sha256'][:12]}",
+            "index       " + describe_recipe(m["index"]["recipe"]),
+            f"vectors     {sum(p['count'] for p in m['vectors']):,} rows in {len(m['vectors'])} file(s)",
+            f"map         {m['projection']['fit_points']:,} points fitted by t-SNE, the rest placed"
+            if m.get("projection") else "map         none",
+            f"updated     {m['updated']} (created {m['created']})",
+        ]
+        print("\n".join(lines))
+        return 0
+    if args.command == "eval":
+        result = col.evaluate()
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"{result['classes']} classes, {result['train']} train / {result['test']} test items")
+            for key in ("knn_top1", "linear_top1", "few_label_1pct", "few_label_10pct"):
+                print(f"{key:16s} {100 * result[key]:6.2f} %  (std {100 * result[key + '_std']:.2f})")
+        return 0
+    if args.command == "dupes":
+        t0 = time.perf_counter()
+        groups = col.duplicates(args.threshold)
+        paths = {it.id: it.path for it in col.items}
+        if args.json:
+            print(json.dumps([[{"id": i, "path": paths.get(i)} for i in g] for g in groups], indent=2))
+        else:
+            for g in groups:
+                print("  ".join(paths.get(i, str(i)) for i in g))
+            print(f"{len(groups)} groups, {sum(map(len, groups))} images ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr)
+        return 0
+    raise UsageError(f"unknown command {args.command}")
+
+
+class UsageError(Exception):
+    """Bad input found after parsing; printed as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import warnings
+
+    from PIL import Image
+
+    # The indexer refuses oversized images itself (--max-pixels) and records them; Pillow's own
+    # warning for each such file would only clutter the progress bar.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    prog = f"python -m indexer {args.command}"
+    from indexer.collection import NothingIndexed
+    from indexer.embed import ModelError
+    from indexer.store import CollectionError
+
+    try:
+        return run(args)
+    except NothingIndexed as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except (UsageError, CollectionError, ModelError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"{prog}: error: {text}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the collection is unchanged", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Files -> embeddings with ONNX Runtime: the model of Contract 2 and the decode/infer pipeline.
+
+Decoding (Pillow, which releases the GIL while decoding and resizing) runs in a thread pool
+while the main thread runs ONNX Runtime (which releases it too), so the two overlap without
+pickling pixels between processes. At most ``window`` files are in flight, so memory stays
+bounded whatever the number of files: results stream out batch by batch in input order.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from indexer.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    apply_resize,
+    load_rgb,
+    load_rgb_bytes,
+    parse_resize_recipe,
+    to_uint8_array,
+)
+
+__all__ = ["Decoded", "EmbeddingModel", "ModelError", "decode_file", "embed_files", "file_sha256"]
+
+REQUIRED_PROPS = ("moco.format_version", "moco.image_size", "moco.embedding_dim", "moco.resize")
+THUMBNAIL_SIZE = 128
+"""Longest side of stored thumbnails: a grid cell in the app; a few kB as JPEG."""
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class ModelError(ValueError):
+    """A model that is missing or does not follow Contract 2; one line for the user."""
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Content hash of a file (the model's identity, and a file's when size/mtime changed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def physical_cores() -> int:
+    """Cores this process may use, counting SMT siblings once (ORT GEMMs gain nothing from SMT)."""
+    try:
+        logical = len(os.sched_getaffinity(0))
+    except AttributeError:
+        logical = os.cpu_count() or 1
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
+        per_core = sum(int(b) - int(a) + 1 if b else 1
+                       for a, _, b in (p.partition("-") for p in text.split(",")))
+    except (OSError, ValueError):
+        per_core = 1
+    return max(1, logical // max(1, per_core))
+
+
+@functools.cache
+def cuda_usable() -> bool:
+    """True when ONNX Runtime really runs on CUDA here (the GPU wheel lists it everywhere)."""
+    import onnxruntime as ort
+
+    if CUDA not in ort.get_available_providers():
+        return False
+    ort.set_default_logger_severity(4)  # the failed CUDA load would print a page of red text
+    try:
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=[CUDA, CPU])
+        return CUDA in session.get_providers()
+    except Exception:  # noqa: BLE001 - any failure means CUDA is not usable
+        return False
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+class EmbeddingModel:
+    """An ONNX embedding model of Contract 2: uint8 [N,S,S,3] in, L2-normalised [N,D] out."""
+
+    def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", threads: int | None = None,
+                 spin: bool | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"model not found: {self.path}")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ModelError(f"--device must be auto, cpu or cuda, got {device!r}")
+        providers = [CPU]
+        if device != "cpu" and cuda_usable():
+            providers = [CUDA, CPU]
+        elif device == "cuda":
+            raise ModelError("--device cuda was asked for, but ONNX Runtime cannot use CUDA here")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or physical_cores()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        # ORT's idle threads busy-wait between runs by default; while the decode pool needs the same
+        # cores that only burns them, so spinning is off unless asked for (INDEXER_ORT_SPIN=1).
+        if spin is None:
+            spin = os.environ.get("INDEXER_ORT_SPIN") == "1"
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises several types for bad files
+            raise ModelError(f"{self.path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+        self.props: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        missing = [key for key in REQUIRED_PROPS if key not in self.props]
+        if missing:
+            raise ModelError(f"{self.path} lacks the metadata {', '.join(missing)}; export it with "
+                             "'python -m exports CHECKPOINT -o MODEL.onnx'")
+        try:
+            self.image_size = int(self.props["moco.image_size"])
+            self.dim = int(self.props["moco.embedding_dim"])
+            self.resize = self.props["moco.resize"]
+            self.short_side = parse_resize_recipe(self.resize)["short_side"]
+        except ValueError as exc:
+            raise ModelError(f"{self.path}: bad moco.* metadata: {exc}") from None
+        inputs = self.session.get_inputs()
+        self.input_name = inputs[0].name
+        self.providers = self.session.get_providers()
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+    def embed(self, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """Embed a uint8 [N,S,S,3] batch; float32 [N,D]."""
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(images)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def preprocess(self, img: Image.Image) -> npt.NDArray[np.uint8]:
+        """One decoded RGB image -> the model's S x S x 3 uint8 input."""
+        return to_uint8_array(apply_resize(img, self.resize))
+
+    def embed_image(self, img: Image.Image | str | os.PathLike[str] | bytes) -> npt.NDArray[np.float32]:
+        """Embed one query image (a PIL image, a path or encoded bytes); float32 [D]."""
+        if isinstance(img, (bytes, bytearray)):
+            img = load_rgb_bytes(bytes(img), min_side=self.short_side)
+        elif not isinstance(img, Image.Image):
+            img = load_rgb(img, min_side=self.short_side)
+        return self.embed(self.preprocess(img.convert("RGB"))[None])[0]
+
+
+@dataclass
+class Decoded:
+    """What a decode worker returns for one file: pixels for the model, or why not."""
+
+    array: npt.NDArray[np.uint8] | None = None
+    width: int = 0
+    height: int = 0
+    sha256: str | None = None
+    thumbnail: bytes | None = None
+    reason: str | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Read a file; map OS errors to the same reasons load_rgb gives."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        load_rgb(path)  # raises the right ImageDecodeError (broken symlink, permission denied ...)
+        raise
+
+
+def decode_file(path: Path, resize: str, short_side: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                thumbnail_size: int = THUMBNAIL_SIZE) -> Decoded:
+    """Read, hash, decode (JPEG draft to ``short_side``), thumbnail and resize one file.
+
+    The file is read once: the same bytes are hashed (for ``update``) and decoded. Every
+    failure becomes ``reason``/``error``; nothing raises, so one bad file never stops a build.
+    """
+    try:
+        data = _read_bytes(path)
+        digest = hashlib.sha256(data).hexdigest()
+        if not data:
+            raise ImageDecodeError("empty file", "0 bytes", str(path))
+        img = load_rgb_bytes(data, min_side=short_side, max_pixels=max_pixels)
+        with Image.open(io.BytesIO(data)) as header:  # the original size, before draft scaling
+            width, height = header.size
+            if header.getexif().get(0x0112) in (5, 6, 7, 8):  # stored sideways: report as shown
+                width, height = height, width
+        thumb = img.copy()
+        thumb.thumbnail((thumbnail_size, thumbnail_size), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        thumb.save(buf, "JPEG", quality=80)
+        array = to_uint8_array(apply_resize(img, resize))
+        return Decoded(array=array, width=width, height=height, sha256=digest, thumbnail=buf.getvalue())
+    except ImageDecodeError as exc:
+        return Decoded(reason=exc.reason, error=f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason)
+    except Exception as exc:  # noqa: BLE001 - anything else is still "this file is bad"
+        return Decoded(reason="corrupt", error=f"{type(exc).__name__}: {exc}")
+
+
+def embed_files(
+    paths: Iterable[Path],
+    model: EmbeddingModel,
+    *,
+    batch_size: int = 64,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    window: int | None = None,
+) -> Iterator[list[tuple[Decoded, npt.NDArray[np.float32] | None]]]:
+    """Stream ``paths`` through decode workers and the model, yielding chunks in input order.
+
+    Each chunk is a list of ``(decoded, vector or None)`` pairs, at most ``batch_size`` long
+    (bad files carry no vector). ``window`` bounds the files in flight (default 4 batches):
+    the pool decodes the next batches while ONNX Runtime runs the current one.
+    """
+    workers = workers or physical_cores()
+    window = window or max(2 * batch_size, 4 * batch_size)
+    decode = functools.partial(decode_file, resize=model.resize, short_side=model.short_side,
+                               max_pixels=max_pixels)
+    pending: deque[Future[Decoded]] = deque()
+    iterator = iter(paths)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < window:
+                    try:
+                        path = next(iterator)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    pending.append(pool.submit(decode, path))
+                if not pending:
+                    return
+                chunk = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+                yield _infer(model, chunk)
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _infer(model: EmbeddingModel, chunk: Sequence[Decoded]) -> list[tuple[Decoded, npt.NDArray[np.float32] | None]]:
+    """Run the good images of one chunk through the model; bad ones pass through without a vector."""
+    good = [i for i, d in enumerate(chunk) if d.array is not None]
+    vectors: dict[int, npt.NDArray[np.float32]] = {}
+    if good:
+        batch = np.stack([chunk[i].array for i in good])  # type: ignore[misc]
+        out = model.embed(batch)
+        vectors = {i: out[j] for j, i in enumerate(good)}
+    result = []
+    for i, decoded in enumerate(chunk):
+        decoded.array = None  # the pixels are no longer needed: free them now
+        result.append((decoded, vectors.get(i)))
+    return result
