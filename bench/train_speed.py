@@ -34,9 +34,7 @@ from torchvision import models, transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moco.config import build_config  # noqa: E402
-from moco.model import MoCo  # noqa: E402
-from moco.optim import build_optimizer  # noqa: E402
+from train_step_variants import images_per_second  # noqa: E402  (the script's own folder)
 
 
 # -- the reference: the original code's structure, single process ------------------------------
@@ -147,21 +145,8 @@ def ours_run(root: Path, size: int, batch: int, epochs: int, workers: int) -> tu
 
 
 def model_only(size: int, batch: int, steps: int) -> float:
-    config = build_config({"image_size": size, "batch_size": batch, "queue_size": 4096})
-    torch.manual_seed(0)
-    model = MoCo(config).to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config)
-    x1 = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    x2 = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.monotonic()
-        loss = model(x1, x2, 0.99)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        times.append(time.monotonic() - t0)
-    return batch / (sum(times[1:]) / steps)  # the first step warms up allocators
+    """Our step on ready tensors, in the trainer's default format (channels-last, split-BN 8)."""
+    return images_per_second(size, batch, channels_last=True, splits=8, steps=steps)
 
 
 def main() -> int:

@@ -15,7 +15,8 @@ from moco.cache import CacheUnavailable, open_cache
 from tests.moco.conftest import make_image_folder
 
 
-def count_decodes(monkeypatch) -> list[str]:
+def count_decodes(monkeypatch, module=cache_module) -> list[str]:
+    """Record every decode made through `module` in this process."""
     calls: list[str] = []
     original = data_module.decode_working
 
@@ -23,7 +24,7 @@ def count_decodes(monkeypatch) -> list[str]:
         calls.append(str(path))
         return original(path, side)
 
-    monkeypatch.setattr(cache_module, "decode_working", counting)
+    monkeypatch.setattr(module, "decode_working", counting)
     return calls
 
 
@@ -82,15 +83,8 @@ def test_training_epochs_after_the_first_decode_nothing(tmp_path, monkeypatch):
     from moco.__main__ import main
 
     root = make_image_folder(tmp_path / "imgs", classes=2, per_class=6)
-    calls: list[str] = []
-    original = data_module.decode_working
-
-    def counting(path, side):
-        calls.append(str(path))
-        return original(path, side)
-
     # The cache is filled by worker processes (uncounted here); the training loop runs in this one.
-    monkeypatch.setattr(data_module, "decode_working", counting)
+    calls = count_decodes(monkeypatch, data_module)
     args = ["--image-size", "32", "--stem", "imagenet", "--batch-size", "4", "--workers", "0", "--no-channels-last"]
     assert main(["train", str(root), "--out", str(tmp_path / "run"), *args, "--epochs", "3"]) == 0
     assert calls == []  # three epochs read pixels from the cache only
