@@ -1,0 +1,139 @@
+"""Command line: `python -m exports CHECKPOINT -o OUT.onnx [...]` and `python -m exports info MODEL.onnx`.
+
+Exit codes: 0 done; 1 the model was built but failed verification (nothing written); 2 bad
+input (checkpoint, paths, options), printed as one line without a traceback. Heavy imports
+(torch, onnxruntime) happen after parsing, so --help answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  python -m exports runs/flowers/checkpoint.pt -o models/flowers.onnx
+  python -m exports runs/flowers -o models/flowers-int8.onnx --int8 --calibration photos/
+  python -m exports runs/flowers -o models/flowers-fp16.onnx --fp16 --calibration photos/
+  python -m exports info models/flowers.onnx
+
+exit codes: 0 written; 1 verification failed, nothing written; 2 bad input
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="python -m exports",
+        description="Export a MoCo checkpoint as a self-describing ONNX embedding model: uint8 RGB\n"
+        "images [N,S,S,3] in, L2-normalized float32 embeddings [N,D] out, checked against PyTorch\n"
+        "before anything is written.\n\n"
+        "Sub-command: 'python -m exports info MODEL.onnx' prints what a model says about itself.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint.pt or the run folder holding it")
+    parser.add_argument("-o", "--output", required=True, help="model file to write, e.g. models/NAME.onnx "
+                        "(its folder must exist)")
+    parser.add_argument("--head", action="store_true", help="embed with the projection head's output "
+                        "instead of the backbone's pooled features")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="half-precision model (for GPUs; half "
+                           "the file size)")
+    precision.add_argument("--int8", action="store_true", help="int8 model, calibrated on --calibration")
+    parser.add_argument("--calibration", type=Path, metavar="IMAGE_DIR", help="images like the ones you "
+                        "will index: int8 calibration, and the fp16/int8 neighbour check (required "
+                        "with --int8)")
+    parser.add_argument("--verify-images", type=Path, metavar="DIR", help="real images for the fp32 "
+                        "parity check (default: --calibration, else generated images)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="ONNX Runtime device for the checks (default auto: CUDA where usable)")
+    parser.add_argument("--no-verify", action="store_true", help="write the model even if a check fails")
+    parser.add_argument("--min-overlap", type=_fraction, default=None, help="top-10 neighbour overlap "
+                        "with fp32 that fp16/int8 must reach (default 0.95 for fp16, 0.85 for int8)")
+    parser.add_argument("--calibration-count", type=_positive, default=256, help="images used to "
+                        "calibrate int8 (default 256)")
+    parser.add_argument("--check-images", type=_positive, default=512, help="images of the neighbour "
+                        "check (default 512)")
+    return parser
+
+
+def build_info_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m exports info", description="Print a model's metadata, input and "
+                           "output signature, file size, and the ONNX Runtime providers usable here.")
+    parser.add_argument("model", help="an .onnx file written by python -m exports")
+    return parser
+
+
+def run_info(argv: list[str]) -> int:
+    args = build_info_parser().parse_args(argv)
+    from exports import runtime
+    from exports.info import InfoError, format_info, read_model_info
+
+    try:
+        info = read_model_info(args.model)
+    except InfoError as err:
+        print(f"python -m exports info: error: {err}", file=sys.stderr)
+        return 2
+    print(format_info(info, runtime.describe_providers()))
+    return 0
+
+
+def run_export(argv: list[str]) -> int:
+    args = build_export_parser().parse_args(argv)
+    from exports.onnx import DEFAULT_OPSET, ExportError, ExportOptions, VerificationFailed, export_checkpoint
+
+    options = ExportOptions(
+        checkpoint=Path(args.checkpoint), output=Path(args.output), head=args.head,
+        precision="fp16" if args.fp16 else "int8" if args.int8 else "fp32",
+        calibration=args.calibration, verify_images=args.verify_images,
+        opset=args.opset if args.opset is not None else DEFAULT_OPSET, device=args.device,
+        verify=not args.no_verify, min_overlap=args.min_overlap,
+        calibration_count=args.calibration_count, check_count=args.check_images)
+    try:
+        export_checkpoint(options)
+    except ExportError as err:
+        print(f"python -m exports: error: {err}", file=sys.stderr)
+        return 2
+    except VerificationFailed as err:
+        print(f"python -m exports: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "info":
+            return run_info(argv[1:])
+        return run_export(argv)
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

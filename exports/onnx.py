@@ -1,0 +1,428 @@
+"""Checkpoint -> self-describing ONNX embedding model (Contract 2): build, verify, quantize, write.
+
+The graph takes what a decoder hands over (uint8 RGB, [N, S, S, 3]) and returns what an index
+stores (L2-normalized float32, [N, D]); the scale to [0, 1], mean/std normalization, layout
+change and final normalization live inside it, so the indexer never re-implements them and
+can never get them subtly wrong. The model's `metadata_props` say how it was made and how to
+feed it (`moco.resize`), so nothing downstream guesses.
+
+Export path, and why: the TorchScript exporter (`dynamo=False`) in eval mode folds every
+BatchNorm into the preceding convolution and emits the plain Conv/Relu/Add/GlobalAveragePool
+chain ONNX Runtime's CPU kernels are tuned for, in ~4 s; the dynamo exporter on this torch
+version emits the same convolutions plus a Shape/Gather/Range/Reshape tail and takes ~30 s.
+The dynamo exporter is kept as a fallback for torch builds that drop the TorchScript one. The
+result is then simplified with onnxscript's optimizer (constant folding, no-op casts, dead
+nodes), which, unlike saving ONNX Runtime's optimized graph, stays independent of the
+execution provider: a saved ORT graph of an fp16 model gains CPU-only casts around every conv.
+
+Nothing is written until every check passed (see `exports.verify` for the thresholds), and then
+atomically, so an interrupted or refused export leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import torch
+from torch import nn
+
+from exports import runtime, samples, verify
+from exports.contract import INPUT_NAME, METADATA_KEYS, MODEL_FORMAT_VERSION, OUTPUT_NAME
+from exports.quantize import DEFAULT_VARIANT, QuantizeError, quantize_int8
+
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_OPSET = 17  # read by every ONNX Runtime since 1.11 and by the quantization tools
+MIN_OPSET = 13
+MAX_OPSET = 20  # the TorchScript exporter's ceiling on this torch version
+PARITY_RANDOM = 7  # odd batch on purpose: a graph with a baked-in batch size fails here
+PARITY_REAL = 32
+DEFAULT_CALIBRATION = 256
+DEFAULT_CHECK_IMAGES = 512
+
+
+class ExportError(ValueError):
+    """Bad input (checkpoint, paths, options): one line for the user, exit code 2."""
+
+
+class VerificationFailed(RuntimeError):
+    """The exported model does not meet a threshold; nothing was written (exit code 1)."""
+
+
+class EmbeddingModel(nn.Module):
+    """uint8 RGB [N, S, S, 3] -> L2-normalized float32 [N, D], preprocessing included.
+
+    (x / 255 - mean) / std is computed as x * scale + shift, one Mul and one Add in the graph.
+    With half=True the network runs in float16 while the input scaling and the final
+    normalization stay in float32 (they are cheap, and the norm of a 2048-d fp16 vector can
+    overflow).
+    """
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], *,
+                 half: bool = False) -> None:
+        super().__init__()
+        self.net = net.half() if half else net
+        self.half = half
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", -mean_t / std_t)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Transpose while still uint8: a quarter of the bytes of a float transpose.
+        x = images.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
+        if self.half:
+            x = x.to(torch.float16)
+        feats = self.net(x).to(torch.float32)
+        # Broadcast division, not F.normalize: that one exports a Shape/Expand pair.
+        return feats / torch.linalg.vector_norm(feats, dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@dataclass
+class Source:
+    """A checkpoint opened for export: the fp32 PyTorch reference and the model's metadata."""
+
+    model: EmbeddingModel
+    config: dict[str, Any]
+    props: dict[str, str]
+    checkpoint: Path
+
+
+def train_data_summary(data: dict[str, Any] | None) -> str:
+    """`moco.train_data`: the training folder's name and image count, e.g. 'flowers: 720 images'."""
+    if not data:
+        return "unknown"
+    root = Path(str(data.get("root", ""))).name or "unknown folder"
+    count = data.get("num_images")
+    return f"{root}: {count} images" if count is not None else root
+
+
+def _numbers(values: Any) -> str:
+    return ",".join(repr(float(v)) for v in values)
+
+
+def load_source(checkpoint: str | Path, *, head: bool = False) -> Source:
+    """Open a checkpoint (file or run folder) as an EmbeddingModel plus its metadata props."""
+    from indexer.images import resize_recipe
+    from moco.checkpoint import (
+        CheckpointError,
+        backbone_from_state,
+        load_checkpoint,
+        resolve_checkpoint_path,
+        sha256_of,
+    )
+
+    try:
+        path = resolve_checkpoint_path(checkpoint)
+        state = load_checkpoint(path)
+        net, config = backbone_from_state(state, head=head)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:  # weights that do not fit the config
+        raise ExportError(f"{checkpoint}: cannot rebuild the model from this checkpoint "
+                          f"({type(err).__name__})") from None
+    size = int(config["image_size"])
+    model = EmbeddingModel(net, tuple(config["mean"]), tuple(config["std"])).eval()
+    with torch.no_grad():
+        dim = int(model(torch.zeros(1, size, size, 3, dtype=torch.uint8)).shape[1])
+    expected = int(config["dim"] if head else config["embedding_dim"])
+    if dim != expected:
+        raise ExportError(f"{path}: the model gives {dim}-d embeddings but its config says {expected}")
+    props = {
+        "moco.format_version": str(MODEL_FORMAT_VERSION),
+        "moco.image_size": str(size),
+        "moco.embedding_dim": str(dim),
+        "moco.arch": str(config["arch"]),
+        "moco.preset": str(config["preset"]),
+        "moco.resize": resize_recipe(size),
+        "moco.mean": _numbers(config["mean"]),
+        "moco.std": _numbers(config["std"]),
+        "moco.checkpoint_sha256": sha256_of(path),
+        "moco.train_data": train_data_summary(state.get("data")),
+    }
+    return Source(model, config, props, path)
+
+
+def export_graph(model: EmbeddingModel, image_size: int, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """torch.onnx.export with a dynamic batch axis, then the provider-independent simplification."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
+    model = model.eval()
+    example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
+    # Not under no_grad: that switches nn.MultiheadAttention (ViT) to a fused fast path the
+    # TorchScript exporter cannot translate. Tracing records no gradients either way.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notice, tracer warnings
+        try:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+                              do_constant_folding=True)
+            proto = onnx.load_from_string(buffer.getvalue())
+        except Exception as first:  # noqa: BLE001 - exporter gone or unable: try the dynamo exporter
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=max(opset, 18),
+                                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                                dynamic_shapes={"images": {0: torch.export.Dim("N")}})
+                proto = program.model_proto
+            except Exception as second:  # noqa: BLE001 - both exporters failed: say why, briefly
+                raise ExportError(f"torch.onnx.export failed: {_first_line(first)}; dynamo exporter: "
+                                  f"{_first_line(second)}") from None
+    return simplify(proto)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding and dead-node removal that hold for every execution provider."""
+    import onnxscript.optimizer
+
+    try:
+        simplified = onnxscript.optimizer.optimize(model)
+    except Exception:  # noqa: BLE001 - the exporter's graph is already folded; keep it
+        return model
+    del simplified.metadata_props[:]  # exporter annotations; ours are set at the end
+    return simplified
+
+
+def torch_embed(model: nn.Module, images: npt.NDArray[np.uint8], batch_size: int = 64,
+                ) -> npt.NDArray[np.float32]:
+    """The PyTorch reference embeddings of uint8 NHWC images."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = np.ascontiguousarray(images[start:start + batch_size])
+            out.append(model(torch.from_numpy(chunk)).numpy())
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def finalize(model: onnx.ModelProto, props: dict[str, str], doc: str) -> onnx.ModelProto:
+    """Exactly the Contract 2 metadata keys, a human description, and ONNX's own check."""
+    missing = [key for key in METADATA_KEYS if key not in props]
+    if missing or set(props) != set(METADATA_KEYS):
+        raise ValueError(f"metadata keys differ from Contract 2: missing {missing}, "
+                         f"extra {sorted(set(props) - set(METADATA_KEYS))}")
+    _prune_opset_imports(model)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {key: props[key] for key in METADATA_KEYS})
+    model.doc_string = doc
+    model.producer_name = "moco-search exports"
+    onnx.checker.check_model(model)
+    return model
+
+
+def _prune_opset_imports(model: onnx.ModelProto) -> None:
+    """Drop operator-set imports no node uses. Models saved by ONNX Runtime (the int8 path)
+    import every domain it knows, training ones included, which would make a plain
+    inference graph look like it needs a training runtime."""
+    used = {node.domain for node in model.graph.node} | {""}
+    kept = [opset for opset in model.opset_import if opset.domain in used or opset.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+
+
+@dataclass
+class ExportOptions:
+    """Everything `python -m exports CKPT -o OUT` can be asked for."""
+
+    checkpoint: Path
+    output: Path
+    head: bool = False
+    precision: str = "fp32"
+    calibration: Path | None = None
+    verify_images: Path | None = None
+    opset: int = DEFAULT_OPSET
+    device: str = "auto"
+    verify: bool = True
+    min_overlap: float | None = None
+    calibration_count: int = DEFAULT_CALIBRATION
+    check_count: int = DEFAULT_CHECK_IMAGES
+    int8_variant: str = DEFAULT_VARIANT
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    precision: str
+    size_bytes: int
+    props: dict[str, str]
+    checks: list[verify.Check] = field(default_factory=list)
+    written: bool = True
+
+
+def check_output_path(output: Path) -> None:
+    """Refuse an output the atomic write could not complete, before minutes of work."""
+    parent = output.parent
+    if output.is_dir():
+        raise ExportError(f"{output} is a folder; give a file name such as {output / 'model.onnx'}")
+    if not parent.is_dir():
+        raise ExportError(f"output folder {parent} does not exist (create it first)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"output folder {parent} is not writable")
+
+
+def _check_folder(path: Path | None, flag: str) -> None:
+    if path is not None and not Path(path).is_dir():
+        raise ExportError(f"{flag} {path}: no such folder")
+
+
+def _overlap_threshold(options: ExportOptions) -> float:
+    if options.min_overlap is not None:
+        return options.min_overlap
+    return verify.FP16_MIN_OVERLAP if options.precision == "fp16" else verify.INT8_MIN_OVERLAP
+
+
+def export_checkpoint(options: ExportOptions, log: Callable[[str], None] = print) -> ExportResult:
+    """Build, verify and atomically write the model `options` describe.
+
+    Raises ExportError for bad input and VerificationFailed for a model below its thresholds
+    (unless options.verify is False, then the failures are reported and the model is written).
+    """
+    from moco.checkpoint import atomic_write_bytes
+
+    if options.precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+    output = Path(options.output)
+    check_output_path(output)
+    if options.precision == "int8" and options.calibration is None:
+        raise ExportError("--int8 needs --calibration IMAGE_DIR: a folder of images like the ones you will "
+                          "index, to measure activation ranges and check the result")
+    _check_folder(options.calibration, "--calibration")
+    _check_folder(options.verify_images, "--verify-images")
+    if options.calibration_count < 1 or options.check_count < 2:
+        raise ExportError("--calibration-count must be >= 1 and --check-images >= 2")
+    try:
+        runtime.providers_for(options.device)  # fail fast on --device cuda without CUDA
+    except runtime.RuntimeUnavailable as err:
+        raise ExportError(str(err)) from None
+
+    source = load_source(options.checkpoint, head=options.head)
+    size = int(source.props["moco.image_size"])
+    what = "projection head" if options.head else "backbone"
+    log(f"exporting {source.props['moco.arch']} {what} ({source.props['moco.embedding_dim']}-d) at {size} px "
+        f"from {source.checkpoint}")
+    fp32 = export_graph(source.model, size, options.opset)
+    fp32_session = runtime.make_session(fp32.SerializeToString(), options.device)
+    log(f"verifying with ONNX Runtime on {', '.join(fp32_session.get_providers())}")
+
+    checks = _fp32_checks(source, fp32_session, options, size)
+    final, doc = fp32, "fp32"
+    if options.precision != "fp32":
+        final, doc, check = _reduced_precision(source, fp32, fp32_session, options, size)
+        checks.append(check)
+    for check in checks:
+        log(check.line())
+    failed = [check for check in checks if not check.passed]
+    if failed and options.verify:
+        raise VerificationFailed(f"verification failed ({failed[0].name}: {failed[0].value:.4f} < "
+                                 f"{failed[0].threshold}); nothing written (--no-verify writes it anyway)")
+    if failed:
+        log("warning: verification failed; writing anyway because of --no-verify")
+
+    description = (f"MoCo {source.props['moco.preset']} {source.props['moco.arch']} {what} embeddings, "
+                   f"{doc}; "
+                   "input images uint8 [N,S,S,3] RGB, output embeddings float32 [N,D] L2-normalized")
+    final = finalize(final, source.props, description)
+    data = final.SerializeToString()
+    try:
+        atomic_write_bytes(output, lambda handle: _write_shared(handle, data))
+    except OSError as err:
+        raise ExportError(f"cannot write {output}: {err.strerror or err}") from None
+    log(f"wrote {output} ({len(data) / 1e6:.1f} MB, {options.precision})")
+    return ExportResult(output, options.precision, len(data), dict(source.props), checks)
+
+
+def _write_shared(handle: BinaryIO, data: bytes) -> None:
+    """Write the model with the permissions of a normal new file (0666 less the umask): the temp
+    file behind the atomic write is private (0600), but a model is meant to be shared, e.g. with
+    an app running as another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle.fileno(), 0o666 & ~umask)
+    handle.write(data)
+
+
+def _real_images(options: ExportOptions, size: int, limit: int, offset: float = 0.0,
+                 ) -> samples.FolderSample | None:
+    folder = options.verify_images or options.calibration
+    if folder is None:
+        return None
+    try:
+        return samples.folder_images(folder, size, limit, offset=offset)
+    except samples.SampleError as err:
+        raise ExportError(str(err)) from None
+
+
+def _fp32_checks(source: Source, session: Any, options: ExportOptions, size: int) -> list[verify.Check]:
+    """Per-image cosine of ORT against PyTorch on random images (whole batch and one at a time:
+    both batch shapes must work) and on real or generated natural images."""
+    noise = samples.random_images(PARITY_RANDOM, size, seed=0)
+    reference = torch_embed(source.model, noise)
+    batched = runtime.embed(session, noise, batch_size=PARITY_RANDOM)
+    single = runtime.embed(session, noise[:3], batch_size=1)
+    cos_noise = np.concatenate([verify.row_cosines(reference, batched),
+                                verify.row_cosines(reference[:3], single)])
+    real = _real_images(options, size, PARITY_REAL)
+    if real is not None:
+        pictures, source_name = real.images, f"images from {options.verify_images or options.calibration}"
+    else:
+        pictures, source_name = samples.natural_images(16, size, seed=1), "generated natural images"
+    cos_real = verify.row_cosines(torch_embed(source.model, pictures), runtime.embed(session, pictures))
+    return [
+        verify.Check("fp32 vs PyTorch, min cosine", float(cos_noise.min()), verify.FP32_MIN_COSINE,
+                     PARITY_RANDOM, "random images (batch 7 and 1, incl. all-0 and all-255)"),
+        verify.Check("fp32 vs PyTorch, min cosine", float(cos_real.min()), verify.FP32_MIN_COSINE,
+                     len(pictures), source_name),
+    ]
+
+
+def _reduced_precision(source: Source, fp32: onnx.ModelProto, fp32_session: Any, options: ExportOptions,
+                       size: int) -> tuple[onnx.ModelProto, str, verify.Check]:
+    """Build the fp16 or int8 model and measure its top-10 neighbour overlap with fp32."""
+    folder = _real_images(options, size, options.check_count) if options.calibration else None
+    if folder is not None:
+        pictures, where = folder.images, f"images from {options.calibration}"
+    else:
+        pictures, where = samples.natural_images(256, size, seed=2), "generated natural images"
+    if options.precision == "fp16":
+        half = EmbeddingModel(copy.deepcopy(source.model.net), _floats(source.props["moco.mean"]),
+                              _floats(source.props["moco.std"]), half=True).eval()
+        model = export_graph(half, size, options.opset)
+        doc = "fp16 weights and activations (input scaling and output normalization in fp32)"
+    else:
+        calibration = _real_images(options, size, options.calibration_count, offset=0.5)
+        assert calibration is not None
+        try:
+            model = quantize_int8(fp32,
+                                  calibration.images, variant=options.int8_variant)
+        except QuantizeError as err:
+            raise ExportError(str(err)) from None
+        doc = (f"int8 ({options.int8_variant}: per-channel int8 weights, uint8 activations calibrated "
+               f"on {len(calibration.images)} images)")
+    session = runtime.make_session(model.SerializeToString(), options.device)
+    reduced = runtime.embed(session, pictures)
+    reference = runtime.embed(fp32_session, pictures)
+    overlap = verify.neighbour_overlap(reference, reduced)
+    cosine = float(verify.row_cosines(reference, reduced).mean())
+    name = f"{options.precision} vs fp32, top-{verify.OVERLAP_K} neighbour overlap (mean cosine {cosine:.5f})"
+    return model, doc, verify.Check(name, overlap, _overlap_threshold(options), len(pictures), where)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
