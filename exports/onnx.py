@@ -49,6 +49,7 @@ PARITY_RANDOM = 7  # odd batch on purpose: a graph with a baked-in batch size fa
 PARITY_REAL = 32
 DEFAULT_CALIBRATION = 256
 DEFAULT_CHECK_IMAGES = 512
+GENERATED_CHECK_IMAGES = 256  # without a folder: enough for a stable top-10 overlap
 
 
 class ExportError(ValueError):
@@ -257,12 +258,13 @@ class ExportOptions:
 
 @dataclass
 class ExportResult:
+    """What was written, and the checks it passed (or failed, with --no-verify)."""
+
     path: Path
     precision: str
     size_bytes: int
     props: dict[str, str]
     checks: list[verify.Check] = field(default_factory=list)
-    written: bool = True
 
 
 def check_output_path(output: Path) -> None:
@@ -335,8 +337,8 @@ def export_checkpoint(options: ExportOptions, log: Callable[[str], None] = print
         log("warning: verification failed; writing anyway because of --no-verify")
 
     description = (f"MoCo {source.props['moco.preset']} {source.props['moco.arch']} {what} embeddings, "
-                   f"{doc}; "
-                   "input images uint8 [N,S,S,3] RGB, output embeddings float32 [N,D] L2-normalized")
+                   f"{doc}; input images uint8 [N,S,S,3] RGB, output embeddings float32 [N,D] "
+                   "L2-normalized")
     final = finalize(final, source.props, description)
     data = final.SerializeToString()
     try:
@@ -357,9 +359,8 @@ def _write_shared(handle: BinaryIO, data: bytes) -> None:
     handle.write(data)
 
 
-def _real_images(options: ExportOptions, size: int, limit: int, offset: float = 0.0,
-                 ) -> samples.FolderSample | None:
-    folder = options.verify_images or options.calibration
+def _folder_sample(folder: Path | None, size: int, limit: int, offset: float = 0.0,
+                   ) -> samples.FolderSample | None:
     if folder is None:
         return None
     try:
@@ -377,9 +378,10 @@ def _fp32_checks(source: Source, session: Any, options: ExportOptions, size: int
     single = runtime.embed(session, noise[:3], batch_size=1)
     cos_noise = np.concatenate([verify.row_cosines(reference, batched),
                                 verify.row_cosines(reference[:3], single)])
-    real = _real_images(options, size, PARITY_REAL)
+    folder = options.verify_images or options.calibration
+    real = _folder_sample(folder, size, PARITY_REAL)
     if real is not None:
-        pictures, source_name = real.images, f"images from {options.verify_images or options.calibration}"
+        pictures, source_name = real.images, f"images from {folder}"
     else:
         pictures, source_name = samples.natural_images(16, size, seed=1), "generated natural images"
     cos_real = verify.row_cosines(torch_embed(source.model, pictures), runtime.embed(session, pictures))
@@ -394,25 +396,27 @@ def _fp32_checks(source: Source, session: Any, options: ExportOptions, size: int
 def _reduced_precision(source: Source, fp32: onnx.ModelProto, fp32_session: Any, options: ExportOptions,
                        size: int) -> tuple[onnx.ModelProto, str, verify.Check]:
     """Build the fp16 or int8 model and measure its top-10 neighbour overlap with fp32."""
-    folder = _real_images(options, size, options.check_count) if options.calibration else None
+    folder = _folder_sample(options.calibration, size, options.check_count)
     if folder is not None:
         pictures, where = folder.images, f"images from {options.calibration}"
     else:
-        pictures, where = samples.natural_images(256, size, seed=2), "generated natural images"
+        count = min(options.check_count, GENERATED_CHECK_IMAGES)
+        pictures, where = samples.natural_images(count, size, seed=2), "generated natural images"
     if options.precision == "fp16":
-        half = EmbeddingModel(copy.deepcopy(source.model.net), _floats(source.props["moco.mean"]),
-                              _floats(source.props["moco.std"]), half=True).eval()
+        half = EmbeddingModel(copy.deepcopy(source.model.net), tuple(source.config["mean"]),
+                              tuple(source.config["std"]), half=True).eval()
         model = export_graph(half, size, options.opset)
         doc = "fp16 weights and activations (input scaling and output normalization in fp32)"
     else:
-        calibration = _real_images(options, size, options.calibration_count, offset=0.5)
-        assert calibration is not None
+        # A different spread of the folder than the check images, so the check is not only
+        # scored on the very pictures the ranges were fitted to.
+        calibration = _folder_sample(options.calibration, size, options.calibration_count, offset=0.5)
+        assert calibration is not None  # export_checkpoint refuses --int8 without --calibration
         try:
-            model = quantize_int8(fp32,
-                                  calibration.images, variant=options.int8_variant)
+            model = quantize_int8(fp32, calibration.images, variant=options.int8_variant)
         except QuantizeError as err:
             raise ExportError(str(err)) from None
-        doc = (f"int8 ({options.int8_variant}: per-channel int8 weights, uint8 activations calibrated "
+        doc = (f"int8 ({options.int8_variant}: per-channel 7-bit weights, uint8 activations calibrated "
                f"on {len(calibration.images)} images)")
     session = runtime.make_session(model.SerializeToString(), options.device)
     reduced = runtime.embed(session, pictures)
@@ -422,7 +426,4 @@ def _reduced_precision(source: Source, fp32: onnx.ModelProto, fp32_session: Any,
     name = f"{options.precision} vs fp32, top-{verify.OVERLAP_K} neighbour overlap (mean cosine {cosine:.5f})"
     return model, doc, verify.Check(name, overlap, _overlap_threshold(options), len(pictures), where)
 
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
 

@@ -31,6 +31,7 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; results are meant to be shared like any file
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

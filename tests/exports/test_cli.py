@@ -4,6 +4,8 @@ PyTorch, and every bad input ends as one line, exit code 2, and no file."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +128,7 @@ def test_int8_with_calibration(tmp_path, checkpoint, images, model_fp32, capsys)
     argv = [str(checkpoint), "-o", str(out), "--int8", "--calibration", str(images), "--device", "cpu"]
     assert main(argv) == 0
     log = capsys.readouterr().out
-    assert "int8 vs fp32, top-10 neighbour overlap" in log and "ok" in log
+    assert "int8 vs fp32, top-10 neighbour overlap" in log and f"on 24 images from {images}: ok" in log
     model = onnx.load(str(out))
     ops = [node.op_type for node in model.graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
@@ -148,7 +150,7 @@ def test_int8_refuses_without_calibration(tmp_path, checkpoint, capsys):
 
 def test_fp16(tmp_path, checkpoint, model_fp32):
     out = tmp_path / "fp16.onnx"
-    assert main([str(checkpoint), "-o", str(out), "--fp16", "--device", "cpu"]) == 0
+    assert main([str(checkpoint), "-o", str(out), "--fp16", "--device", "cpu", "--check-images", "64"]) == 0
     model = onnx.load(str(out))
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
     images = np.random.default_rng(5).integers(0, 256, (4, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -258,6 +260,17 @@ def test_info_prints_everything(model_fp32, capsys):
     assert f"{model_fp32.stat().st_size:,} bytes" in out
     assert "CPUExecutionProvider" in out and "usable here" in out
     assert "precision  fp32" in out
+
+
+def test_info_runs_without_torch(model_fp32):
+    """`info` is what a serving-only install (no PyTorch) uses to inspect a model."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from exports.__main__ import main\n"
+            f"sys.exit(main(['info', {str(model_fp32)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "moco.embedding_dim" in done.stdout
 
 
 def test_info_refuses_model_without_props(tmp_path, capsys):
