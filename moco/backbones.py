@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision import models
 
@@ -38,16 +37,3 @@ def freeze_patch_projection(backbone: nn.Module) -> None:
     if conv is not None:
         for param in conv.parameters():
             param.requires_grad = False
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-@torch.no_grad()
-def feature_width(backbone: nn.Module, image_size: int) -> int:
-    was_training = backbone.training
-    backbone.eval()
-    width = backbone(torch.zeros(1, 3, image_size, image_size)).shape[1]
-    backbone.train(was_training)
-    return int(width)
