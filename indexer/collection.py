@@ -649,10 +649,7 @@ class _Writer:
                     item_id += 1
                 if vecs:
                     vec_fh.write(np.ascontiguousarray(np.stack(vecs), dtype=np.float32).tobytes())
-                with conn:
-                    conn.executemany("INSERT INTO items (id, path, size, mtime_ns, sha256, label, width, height, "
-                                     "status, reason, error, added_gen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-                    conn.executemany("INSERT OR REPLACE INTO thumbnails (id, jpeg) VALUES (?, ?)", thumbs)
+                store.insert_items(conn, rows, thumbs)
                 bar.update(len(chunk))
             vec_fh.flush()
             os.fsync(vec_fh.fileno())

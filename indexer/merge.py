@@ -122,10 +122,7 @@ def _copy(out: Path, gen: int, next_id: int, rows: list[tuple[str, int, dict[str
                         thumbs.append((new_id, thumb))
             if vecs:
                 fh.write(np.ascontiguousarray(np.stack(vecs), dtype=np.float32).tobytes())
-            with conn:
-                conn.executemany("INSERT INTO items (id, path, size, mtime_ns, sha256, label, width, height, "
-                                 "status, reason, error, added_gen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", new_rows)
-                conn.executemany("INSERT OR REPLACE INTO thumbnails (id, jpeg) VALUES (?, ?)", thumbs)
+            store.insert_items(conn, new_rows, thumbs)
         fh.flush()
         os.fsync(fh.fileno())
     from indexer.collection import _npy_bytes

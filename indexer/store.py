@@ -271,6 +271,16 @@ def visible(gen_param: str = ":gen") -> str:
     return f"added_gen <= {gen_param} AND (removed_gen IS NULL OR removed_gen > {gen_param})"
 
 
+def insert_items(conn: sqlite3.Connection, rows: list[tuple], thumbnails: list[tuple[int, bytes]]) -> None:
+    """Add item rows and their thumbnails in one transaction. A row is (id, path, size, mtime_ns,
+    sha256, label, width, height, status, reason, error, added_gen): the one place that column
+    order is written down, for builds, updates and merges alike."""
+    with conn:
+        conn.executemany("INSERT INTO items (id, path, size, mtime_ns, sha256, label, width, height, "
+                         "status, reason, error, added_gen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        conn.executemany("INSERT OR REPLACE INTO thumbnails (id, jpeg) VALUES (?, ?)", thumbnails)
+
+
 def rollback_uncommitted(conn: sqlite3.Connection, generation: int) -> int:
     """Undo SQLite changes of a writer that died before committing its manifest.
 
