@@ -8,14 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from moco.budget import format_duration, parse_duration, process_age
 from moco.config import ARCHS, PRESETS, ConfigError, TrainConfig, build_config, fit_to_data, validate
 
 EXAMPLES = """examples:
   python -m moco train photos/ --out runs/photos --epochs 100 --val photos_val/
+  python -m moco train photos/ --out runs/photos --time-budget 30m --val photos_val/
   python -m moco train --resume runs/photos --epochs 200
   python -m moco eval runs/photos/checkpoint.pt --train photos/ --val photos_val/ --json
   python -m moco demo-data data/digits
@@ -64,7 +67,11 @@ HYPER_PARAMETERS = (
     ("deterministic", "deterministic algorithms (exactly repeatable on CPU)"),
     ("workers", "data loader worker processes"),
     ("checkpoint_every", "minutes between checkpoints within an epoch"),
-    ("eval_every", "epochs between kNN monitor evaluations (with --val)"),
+    ("eval_every", "epochs between kNN monitor evaluations (with --val; --epochs runs)"),
+    ("monitor_evals", "kNN monitor evaluations spread evenly over a --time-budget run, after the one at "
+                      "the start (fewer if they would take over 10%% of the budget)"),
+    ("knn_max_images", "kNN monitor: at most this many bank (training) and query (val) images each, a fixed "
+                       "random subset, so it is cheap enough to run often; 0 uses all (moco eval always does)"),
     ("knn_k", "neighbours for the kNN monitor"),
     ("knn_t", "temperature of the weighted kNN vote"),
     ("log_every", "steps between metrics.jsonl records"),
@@ -89,6 +96,13 @@ def _add_hyper_parameters(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, default=None, help=help_text)
     group.add_argument("--mean", type=_floats, default=None, help="normalisation mean, e.g. 0.485,0.456,0.406")
     group.add_argument("--std", type=_floats, default=None, help="normalisation std, e.g. 0.229,0.224,0.225")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -118,8 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--image-size", type=int, default=None, help="training resolution (default 64)")
     train.add_argument("--batch-size", type=int, default=None, help="images per step (default 256, "
                        "lowered to fit a small folder)")
-    train.add_argument("--epochs", type=int, default=None, help="epochs (default 100; with --resume, "
-                       "a larger value extends the run)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="epochs (default 100; with --resume, "
+                        "a larger value extends the run)")
+    length.add_argument("--time-budget", type=_duration, default=None, metavar="DURATION",
+                        help="train for this much wall time instead, e.g. 90s, 30m, 2h, 1h30m: the speed is "
+                        "timed over a few steps and the steps planned to end (final checkpoint written) "
+                        "within it, start-up and kNN evaluations included")
+    train.add_argument("--paper-defaults", action="store_true", default=None, help="use the preset's published "
+                       "values as they are: no adjustment of momentum, queue and warm-up to the run's length")
     train.add_argument("--val", help="labeled folder for the kNN monitor")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     _add_hyper_parameters(train)
@@ -149,10 +170,11 @@ def _given_hyper_parameters(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace, started: float | None = None) -> int:
     from moco import distributed
     from moco.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
     from moco.data import DataError, open_folder
+    from moco.defaults import fit_to_plan
     from moco.train import Trainer, TrainingDiverged, TrainingStopped, pick_device
 
     world = distributed.world_from_env()
@@ -165,6 +187,8 @@ def run_train(args: argparse.Namespace) -> int:
             raise UsageError(str(err)) from None
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         config = TrainConfig.from_dict(state["config"])
+        if args.time_budget is not None:
+            raise UsageError("--resume keeps to the run's stored plan; --time-budget cannot be given with it")
         changed = {k: v for k, v in _given_hyper_parameters(args).items() if k not in ("epochs", "workers")}
         if changed or args.data_dir:
             raise UsageError("--resume continues a run as it was; only --epochs, --workers and --device "
@@ -173,12 +197,25 @@ def run_train(args: argparse.Namespace) -> int:
         done = state["progress"]["epoch"]
         if args.workers is not None:
             config.workers = args.workers
-        if args.epochs is not None and args.epochs != config.epochs:
+        plan = state.get("plan") or {}
+        if plan.get("mode") == "budget":
+            total, step = plan.get("total_steps"), state["progress"]["step"]
+            budget = format_duration(plan["budget_s"])
+            if args.epochs is not None:
+                raise UsageError(f"the run in {run_dir} was planned for a {budget} time budget; --epochs cannot "
+                                 "change it (start a new run to train longer)")
+            if total is not None and step >= total:
+                say(f"nothing to do: the run in {run_dir} has completed its {total} planned steps "
+                    f"({budget} budget)")
+                return 0
+            say(f"resuming at step {step} of the {total} planned steps ({budget} budget; the plan is kept)"
+                if total is not None else f"resuming a {budget} run that had not finished timing its steps")
+        elif args.epochs is not None and args.epochs != config.epochs:
             if args.epochs <= done:
                 raise UsageError(f"the run has completed {done} epochs; --epochs must be larger to extend it")
             say(f"re-planning the LR and momentum schedules over {args.epochs} epochs (was {config.epochs})")
             config.epochs = args.epochs
-        if done >= config.epochs:
+        if plan.get("mode") != "budget" and done >= config.epochs:
             say(f"nothing to do: the run in {run_dir} has completed {done}/{config.epochs} epochs "
                 "(pass a larger --epochs to extend it)")
             return 0
@@ -194,6 +231,14 @@ def run_train(args: argparse.Namespace) -> int:
             config = build_config(_given_hyper_parameters(args))
         except ConfigError as err:
             raise UsageError(str(err)) from None
+        if config.time_budget is not None:
+            config.epochs = 0  # follows from the plan, once the steps are timed
+            if args.eval_every is not None:
+                raise UsageError("--eval-every counts epochs; a --time-budget run spreads --monitor-evals "
+                                 "evaluations over its plan instead")
+        elif args.monitor_evals is not None:
+            raise UsageError("--monitor-evals is for --time-budget runs; --epochs runs evaluate every "
+                             "--eval-every epochs")
     try:
         device = pick_device(args.device, world.local_rank)
         folder = open_folder(data_dir)
@@ -203,12 +248,18 @@ def run_train(args: argparse.Namespace) -> int:
     if val is not None and (len(folder.labeled) == 0 or len(val.labeled) == 0):
         raise UsageError("--val needs labeled sub-folders (one per class) in both DATA_DIR and the val "
                          "folder, with matching names")
+    explicit = set(_given_hyper_parameters(args))
     if state is None:
         try:
             config.notes = fit_to_data(config, len(folder.refs), batch_size_given=args.batch_size is not None)
             validate(config)
         except ConfigError as err:
             raise UsageError(str(err)) from None
+        if config.time_budget is None:  # budget runs adjust once the plan exists (moco.train)
+            steps_per_epoch = len(folder.refs) // config.batch_size
+            config.notes += fit_to_plan(config, explicit, num_images=len(folder.refs),
+                                        planned_steps=config.epochs * steps_per_epoch,
+                                        steps_per_epoch=steps_per_epoch)
         for note in config.notes:
             say(f"note: {note}")
     if config.batch_size % world.size:
@@ -216,12 +267,15 @@ def run_train(args: argparse.Namespace) -> int:
                          f"{world.size} processes")
     run_dir.mkdir(parents=True, exist_ok=True)
     processes = f", {world.size} processes" if world.enabled else ""
+    length = (f"a {format_duration(config.time_budget)} time budget" if config.time_budget is not None
+              else f"{config.epochs} epochs")
     say(f"{'resuming' if state else 'training'} {config.preset} {config.arch} on {len(folder.refs)} images "
-        f"from {data_dir} ({device.type}{processes}); run folder {run_dir}")
+        f"from {data_dir} for {length} ({device.type}{processes}); run folder {run_dir}")
     say("configuration: " + json.dumps(config.to_dict(), sort_keys=True))
     distributed.init(world, device)
     try:
-        trainer = Trainer(config, folder, run_dir, device=device, val=val, state=state, world=world)
+        trainer = Trainer(config, folder, run_dir, device=device, val=val, state=state, world=world,
+                          explicit=explicit, started=started)
         progress = trainer.run()
     except TrainingStopped as stop:
         say(f"{stop}; checkpoint saved in {run_dir}. Continue with: python -m moco train --resume {run_dir}")
@@ -233,8 +287,13 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     skipped = len(progress.skipped)
-    say(f"done: {progress.epoch} epochs, {progress.step} steps in {progress.elapsed / 60:.1f} min; "
-        f"{skipped} file{'s' if skipped != 1 else ''} skipped; checkpoint {run_dir / CHECKPOINT_NAME}")
+    if trainer.plan.mode == "budget":
+        length = (f"{progress.step} steps ({trainer.plan.epochs_exact(progress.step):.2f} epochs) in "
+                  f"{progress.elapsed / 60:.1f} min of the {format_duration(config.time_budget)} budget")
+    else:
+        length = f"{progress.epoch} epochs, {progress.step} steps in {progress.elapsed / 60:.1f} min"
+    say(f"done: {length}; {skipped} file{'s' if skipped != 1 else ''} skipped; checkpoint "
+        f"{run_dir / CHECKPOINT_NAME}")
     return 0
 
 
@@ -297,9 +356,12 @@ def run_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """`started`: time.monotonic() at process start (a --time-budget counts from it); by default
+    the moment main() is called."""
+    started = time.monotonic() if started is None else started
     args = build_parser().parse_args(argv)
-    commands = {"train": run_train, "eval": run_eval, "demo-data": run_demo_data}
+    commands = {"train": lambda a: run_train(a, started), "eval": run_eval, "demo-data": run_demo_data}
     try:
         return commands[args.command](args)
     except UsageError as err:
@@ -311,4 +373,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(started=time.monotonic() - process_age()))

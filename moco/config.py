@@ -34,7 +34,9 @@ class TrainConfig:
     stem: str = "auto"  # "imagenet" (7x7/2 conv + max-pool) or "small" (3x3/1 conv, no pool)
     image_size: int = 64
     batch_size: int = 256
-    epochs: int = 100
+    epochs: int = 100  # with time_budget: derived from the plan (the last epoch may be partial)
+    time_budget: float | None = None  # seconds of wall time, process start to final checkpoint
+    paper_defaults: bool = False  # True: the preset's published values, no budget-aware adjustment
     # Optimisation. lr = base_lr * batch_size / 256 unless lr is given explicitly.
     optimizer: str = "sgd"  # sgd | lars | adamw
     base_lr: float = 0.03
@@ -68,7 +70,9 @@ class TrainConfig:
     cache_dir: str | None = None
     cache_max_gb: float = 20.0
     checkpoint_every: float = 10.0  # minutes
-    eval_every: int = 1  # epochs, for the kNN monitor when --val is given
+    eval_every: int = 1  # epochs, for the kNN monitor when --val is given (--epochs runs)
+    monitor_evals: int = 6  # kNN evaluations spread over a --time-budget run, after the one at the start
+    knn_max_images: int = 2000  # kNN monitor: at most this many bank and query images each (0: all)
     knn_k: int = 200
     knn_t: float = 0.1
     log_every: int = 10  # steps between metric records
@@ -158,8 +162,14 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--lr-schedule must be cosine or step, got {config.lr_schedule!r}")
     if config.augment not in ("v1", "v2", "v3"):
         raise ConfigError(f"--augment must be v1, v2 or v3, got {config.augment!r}")
-    if config.epochs < 1:
+    if config.time_budget is None and config.epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {config.epochs}")
+    if config.time_budget is not None and config.time_budget <= 0:
+        raise ConfigError(f"--time-budget must be positive, got {config.time_budget} s")
+    if config.monitor_evals < 1:
+        raise ConfigError(f"--monitor-evals must be at least 1, got {config.monitor_evals}")
+    if config.knn_max_images < 0:
+        raise ConfigError(f"--knn-max-images must be 0 (all) or more, got {config.knn_max_images}")
     if not 0.0 <= config.moco_m < 1.0:
         raise ConfigError(f"--moco-m must be in [0, 1), got {config.moco_m}")
     if config.temperature <= 0:
@@ -182,6 +192,11 @@ def resolve_stem(config: TrainConfig) -> str:
     return "small" if config.image_size <= 32 else "imagenet"
 
 
+def queue_cap_for_data(num_images: int, batch_size: int) -> int:
+    """Largest queue (a multiple of the batch) that stays below the number of images."""
+    return max(batch_size, (num_images - batch_size) // batch_size * batch_size)
+
+
 def fit_to_data(config: TrainConfig, num_images: int, batch_size_given: bool) -> list[str]:
     """Shrink batch and queue to what the folder can feed; returns a message per change.
 
@@ -200,8 +215,7 @@ def fit_to_data(config: TrainConfig, num_images: int, batch_size_given: bool) ->
     if config.batch_size < 2:
         raise ConfigError("training needs a batch of at least 2 images")
     if config.queue_size:
-        cap = max(config.batch_size, (num_images - config.batch_size) // config.batch_size
-                  * config.batch_size)
+        cap = queue_cap_for_data(num_images, config.batch_size)
         if config.queue_size > cap:
             messages.append(f"queue size capped from {config.queue_size} to {cap}, below the "
                             f"{num_images} training images")

@@ -81,6 +81,24 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def any_ranks(*flags: bool, device: torch.device) -> tuple[bool, ...]:
+    """`any_rank` for several flags in one collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tuple(bool(f) for f in flags)
+    value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in value.tolist())
+
+
+def reduce_over_ranks(value: float, op: str, device: torch.device) -> float:
+    """The max or min of a number over all ranks, on every rank (so all ranks make one plan)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return float(tensor.item())
+
+
 def gather_objects(items: list) -> list:
     """All ranks' lists joined, on every rank (small Python objects: failed-file records)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -90,19 +90,44 @@ def recalibrate_batchnorm(backbone: nn.Module, folder: ImageFolder, *, image_siz
 
 
 class KnnMonitor:
-    """Weighted kNN top-1 of val features against labeled train features, during training."""
+    """Weighted kNN top-1 of val features against labeled train features, during training.
+
+    Each evaluation extracts features of every bank and query image again, so its cost grows
+    with the folders: with `max_images` > 0 it uses a fixed random subset (seeded) of at most
+    that many labeled images from each folder, which keeps it cheap enough to run several
+    times in a short run. `moco eval` always uses everything.
+    """
 
     def __init__(self, train: ImageFolder, val: ImageFolder, *, image_size: int, mean, std,
-                 device: torch.device, workers: int, k: int, temperature: float) -> None:
+                 device: torch.device, workers: int, k: int, temperature: float, max_images: int = 0,
+                 seed: int = 0, channels_last: bool = True) -> None:
         self.train, self.val = train, val
-        self.options = dict(image_size=image_size, mean=mean, std=std, device=device, workers=workers)
+        self.options = dict(image_size=image_size, mean=mean, std=std, device=device, workers=workers,
+                            channels_last=channels_last)
         self.k, self.temperature = k, temperature
+        self.bank = subset(train.labeled, max_images, seed)
+        self.queries = subset(val.labeled, max_images, seed + 1)
+
+    def describe(self) -> str:
+        return (f"{len(self.bank)} of {len(self.train.labeled)} labeled training images as the bank, "
+                f"{len(self.queries)} of {len(self.val.labeled)} val images as queries")
+
+    @property
+    def capped(self) -> bool:
+        return len(self.bank) < len(self.train.labeled) or len(self.queries) < len(self.val.labeled)
 
     def __call__(self, backbone: nn.Module) -> float:
-        train = extract_features(backbone, self.train, self.train.labeled, desc="kNN train", **self.options)
-        val = extract_features(backbone, self.val, self.val.labeled, desc="kNN val", **self.options)
+        train = extract_features(backbone, self.train, self.bank, desc="kNN train", **self.options)
+        val = extract_features(backbone, self.val, self.queries, desc="kNN val", **self.options)
         return analysis.knn_top1(train.vectors, self.train.labels[train.indices], val.vectors,
                                  self.val.labels[val.indices], k=self.k, temperature=self.temperature)
+
+
+def subset(indices: np.ndarray, max_images: int, seed: int) -> np.ndarray:
+    """At most `max_images` of `indices` (all when 0), a seeded random choice, in folder order."""
+    if max_images <= 0 or len(indices) <= max_images:
+        return indices
+    return np.sort(np.random.default_rng(seed).choice(indices, size=max_images, replace=False))
 
 
 METRICS = (("knn_top1", "weighted kNN top-1"), ("linear_top1", "linear probe top-1"),

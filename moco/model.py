@@ -167,6 +167,17 @@ class MoCo(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
     @torch.no_grad()
+    def shrink_queue(self, size: int) -> None:
+        """Keep the `size` most recent keys (a plan made after the queue was built asked for a
+        shorter one); the oldest of them is overwritten next. Identical on every rank."""
+        old = self.queue.shape[1]
+        if size >= old or size <= 0:
+            return
+        newest = (self.queue_ptr + torch.arange(old - size, old, device=self.queue.device)) % old
+        self.queue = self.queue[:, newest].clone()
+        self.queue_ptr.zero_()
+
+    @torch.no_grad()
     def keys(self, images: torch.Tensor) -> torch.Tensor:
         """Key features with the batch shuffled before the key encoder and restored after,
         so a key never shares its batch-norm statistics with its own query.

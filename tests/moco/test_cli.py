@@ -40,6 +40,7 @@ def test_train_then_eval_json(trained, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert len(epochs) == 2 and all(0.0 <= r["knn_top1"] <= 1.0 for r in epochs)
+    assert (run / "monitor.png").read_bytes()[:4] == b"\x89PNG"  # the accuracy-versus-time curve
     capsys.readouterr()
     assert main(["eval", str(run / "checkpoint.pt"), "--train", str(train), "--val", str(val), "--json",
                  "--workers", "0"]) == 0
@@ -102,6 +103,8 @@ def test_checkpoint_contract_and_load_backbone(trained):
     config = state["config"]
     for key in ("arch", "preset", "image_size", "mean", "std", "embedding_dim", "format_version"):
         assert key in config
+    # budget-aware defaults: 6 planned steps, so the key momentum was lowered, and that is recorded
+    assert config["moco_m"] == 0.9 and any(n.startswith("moco_m 0.999 -> 0.9") for n in config["notes"])
     for key in ("optimizer", "rng", "progress", "plan", "model"):
         assert key in state
     assert "queue" in state["model"] and "queue_ptr" in state["model"]

@@ -64,6 +64,18 @@ def test_two_processes_match_one_and_resume_on_any_world_size(data, tmp_path):
     assert len(step_losses(ddp)) == 8
 
 
+def test_two_processes_keep_to_one_time_budget(data, tmp_path):
+    """Every rank times, plans, evaluates and checkpoints at the same steps (no collective is
+    left waiting), and rank 0 stores the one plan."""
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=4, seed=1)
+    run = tmp_path / "budget"
+    done = torchrun("train", str(data), "--out", str(run), *COMMON, "--time-budget", "30s", "--val", str(val))
+    assert done.stdout.count("plan: ") == 1
+    state = load_checkpoint(run)
+    assert state["plan"]["mode"] == "budget" and state["plan"]["total_steps"] == state["progress"]["step"]
+    assert (run / "monitor.png").exists()
+
+
 def test_the_global_batch_must_divide_over_processes(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moco",
            "train", str(data), "--out", str(tmp_path / "run"), *COMMON[:-2], "--batch-size", "5", "--epochs", "1"]

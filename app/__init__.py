@@ -1,0 +1,1 @@
+"""The Streamlit app over collections (``streamlit run app/main.py``); torch-free by design."""

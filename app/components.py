@@ -1,0 +1,52 @@
+"""Drawing blocks shared by pages: thumbnail grids whose images can be clicked into the query."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import streamlit as st
+
+from app.jobs import Job
+from indexer.collection import Collection
+
+STAGE_ICONS = {"pending": "⏳", "running": "🔄", "done": "✅", "skipped": "✅", "failed": "❌"}
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One image in a grid: item id and the caption under it (markdown, one line each)."""
+
+    item_id: int
+    caption: Sequence[str]
+
+
+def tile_grid(collection: Collection, tiles: Sequence[Tile], *, key: str, columns: int = 5,
+              button: str | None = "Search this") -> int | None:
+    """Draw thumbnails in rows of ``columns``; returns the id whose button was pressed, if any.
+
+    Thumbnails come from the collection's database (small JPEGs made at index time), so a grid
+    never opens an original image."""
+    clicked: int | None = None
+    for start in range(0, len(tiles), columns):
+        cells = st.columns(columns)
+        for cell, tile in zip(cells, tiles[start:start + columns]):
+            with cell:
+                thumb = collection.thumbnail(tile.item_id)
+                if thumb is not None:
+                    st.image(thumb, width="stretch")
+                else:
+                    st.caption("(no thumbnail)")
+                st.caption("  \n".join(tile.caption))
+                if button and st.button(button, key=f"{key}:{tile.item_id}", width="stretch"):
+                    clicked = tile.item_id
+    return clicked
+
+
+def job_stages(job: Job) -> None:
+    """A background job's stages: done ones ticked with their time, the running one with its bar."""
+    for stage in job.states:
+        timing = f" · {stage.seconds:.0f} s" if stage.started is not None else ""
+        st.markdown(f"{STAGE_ICONS[stage.status]} {stage.label}{timing}")
+        if stage.status == "running":
+            st.progress(stage.fraction or 0.0, text=stage.line[-160:] or "starting…")

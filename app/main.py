@@ -1,0 +1,58 @@
+"""Entry point: ``streamlit run app/main.py [-- --collection DIR]``.
+
+Chooses the collection (the ``--collection`` given, else a picker over ``indexes/``), and
+when there is none at all, opens the demo page that builds the built-in demo. Pages live in
+``app/views/`` (one file each: they draw and call :mod:`app.state` and :mod:`indexer`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/ on the path, not the repo
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app import state  # noqa: E402
+from app.demo import DemoPaths  # noqa: E402
+
+VIEWS = Path(__file__).resolve().parent / "views"
+
+st.set_page_config(page_title="MoCo image search", page_icon=":material/image_search:", layout="wide")
+cfg = state.config()
+
+
+def choose_collection() -> Path | None:
+    """The collection for this session: ``--collection`` if given, else the sidebar picker."""
+    if cfg.collection is not None:
+        if not state.is_collection(cfg.collection):
+            st.error(f"No collection at {cfg.collection} (make one with: python -m indexer build IMAGE_DIR).")
+            st.stop()
+        return cfg.collection
+    found = state.list_collections(cfg.indexes)
+    if not found:
+        return None
+    names = [p.name for p in found]
+    demo_name = DemoPaths(cfg.workdir).collection.name
+    previous = state.selected_collection()
+    index = names.index(previous.name) if previous is not None and previous.name in names else (
+        names.index(demo_name) if demo_name in names else 0)
+    choice = st.sidebar.selectbox("Collection", names, index=index, help=f"collections under {cfg.indexes}/")
+    return found[names.index(choice)]
+
+
+collection_dir = choose_collection()
+st.session_state["collection_dir"] = str(collection_dir) if collection_dir else None
+
+if collection_dir is None:
+    pages = [st.Page(VIEWS / "demo.py", title="Demo", icon=":material/science:", default=True),
+             st.Page(VIEWS / "collection.py", title="Collection", icon=":material/folder_open:")]
+else:
+    pages = [st.Page(VIEWS / "neighbours.py", title="Neighbours", icon=":material/image_search:", default=True),
+             st.Page(VIEWS / "map.py", title="Map", icon=":material/scatter_plot:"),
+             st.Page(VIEWS / "few_labels.py", title="Few labels", icon=":material/label:"),
+             st.Page(VIEWS / "collection.py", title="Collection", icon=":material/folder_open:")]
+st.navigation(pages).run()

@@ -1,0 +1,47 @@
+"""Demo page: shown when there is no collection at all; builds the built-in demo and opens it.
+
+The build runs in the background of the server process (:mod:`app.jobs`), so closing the tab
+or a second visitor does not start it twice; this page only draws its progress."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import demo, jobs, state
+from app.components import job_stages
+from app.jobs import Job
+
+cfg = state.config()
+paths = demo.DemoPaths(cfg.workdir)
+
+st.title("Welcome")
+st.markdown(
+    "There is no collection yet, so the app is building its **built-in demo**: the 1,797 handwritten "
+    "digits that ship with scikit-learn, a short MoCo-v2 training on this computer's CPU, an ONNX export "
+    "and a searchable collection with its map. It takes a few minutes once; the result is kept in "
+    f"`{paths.collection}`.  \nTo search your own photos instead, see the Collection page or run "
+    "`python -m indexer build YOUR_FOLDER`.")
+
+job = demo.start_demo(cfg.workdir, cfg.demo_train_seconds)
+
+
+def draw(job: Job) -> None:
+    job_stages(job)
+    st.caption(f"{job.seconds:.0f} s so far" if job.status == "running" else f"took {job.seconds:.0f} s")
+
+
+@st.fragment(run_every=1.0)
+def progress() -> None:
+    current = jobs.get(demo.DEMO_KEY) or job
+    draw(current)
+    if current.status == "done" and state.is_collection(paths.collection):
+        st.success("The demo is ready.")
+        st.rerun(scope="app")
+    elif current.status in ("failed", "cancelled"):
+        st.error(f"The demo build stopped: {current.error or current.status}. "
+                 "Reload the page to try again; finished stages are kept.")
+        with st.expander("Output of the last commands"):
+            st.code("\n".join(current.log))
+
+
+progress()

@@ -1,0 +1,278 @@
+"""Few-label page: how far a handful of labels goes with these embeddings, and labelling by hand.
+
+*Evaluate* pretends only a few images per folder were labelled, classifies the rest and compares
+with their folders: the number a person needs before labelling anything. *Label interactively*
+suggests images spread over the space, stores the labels typed (or imported from a CSV) in the
+collection, and sorts the whole collection from them. The numbers and the caches live in
+:mod:`app.fewlabels`; this file only draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import fewlabels, state
+from app.components import Tile, tile_grid
+from indexer.analysis import LabelBudget
+from indexer.collection import Collection
+
+EVALUATE, INTERACTIVE = "Evaluate with folder labels", "Label interactively"
+MISTAKES_SHOWN = 15
+SUGGESTIONS_DEFAULT = 8
+COLUMNS = 4
+
+
+def key(name: str) -> str:
+    """Widget and session keys of this page, per collection (two collections, two states)."""
+    return f"fewlabels:{name}:{directory}"
+
+
+def open_as_query(item_id: int) -> None:
+    state.set_item_query(collection, item_id)
+    st.switch_page("views/neighbours.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    budget: LabelBudget
+    classifier: str
+    n_seeds: int
+    compare: bool
+
+
+def evaluation_settings(labels: fewlabels.FolderLabels) -> EvalSettings | None:
+    """The form; returns the settings last submitted, None before the first Evaluate (so opening
+    the page on a large collection trains nothing). They are kept in the session, not only in
+    the widgets, because Streamlit forgets a widget's value while the other mode is shown."""
+    budgets = fewlabels.budgets_for(labels.class_sizes().tolist())
+    classifiers = fewlabels.classifiers_for(len(labels.rows))
+    sizes = labels.class_sizes().tolist()
+    saved: EvalSettings | None = st.session_state.get(key("settings"))
+    if saved is None or saved.budget not in budgets or saved.classifier not in classifiers:
+        saved = None
+    shown = saved or EvalSettings(next((b for b in budgets if b.per_class == 5), budgets[0]), classifiers[0], 3, False)
+    with st.form(key("eval-form"), border=False):
+        left, middle, right = st.columns([2, 2, 1])
+        budget = left.selectbox("Labels per class", budgets, index=budgets.index(shown.budget),
+                                format_func=lambda b: f"{b.name} ({fewlabels.labelled_count(b, sizes):,} images)",
+                                help="Stratified: every class gets this many (or this share of its images).")
+        classifier = middle.selectbox("Classifier", classifiers, index=classifiers.index(shown.classifier),
+                                      format_func=fewlabels.CLASSIFIER_NAMES.get)
+        n_seeds = right.number_input("Seeds", min_value=1, max_value=10, value=shown.n_seeds,
+                                     help="Each seed labels a different random subset.")
+        compare = st.checkbox("Compare all classifiers on the curve", value=shown.compare)
+        if st.form_submit_button("Evaluate", type="primary"):
+            saved = EvalSettings(budget, classifier, int(n_seeds), bool(compare))
+            st.session_state[key("settings")] = saved
+    if len(classifiers) < 3:
+        st.caption(f"Label propagation is offered up to {fewlabels.LABEL_PROPAGATION_MAX_ITEMS:,} labelled images.")
+    return saved
+
+
+def show_headline(evaluation: fewlabels.Evaluation, budget: LabelBudget) -> None:
+    runs = evaluation.runs
+    accs = evaluation.accuracies
+    st.metric(f"Accuracy on the remaining images ({budget.name})", f"{evaluation.mean:.1%}",
+              help="Mean over seeds of the share of unlabelled images classified into their own folder.")
+    spread = f"± {evaluation.std:.1%} over {len(runs)} seeds (from {min(accs):.1%} to {max(accs):.1%})" \
+        if len(runs) > 1 else "one seed"
+    st.caption(f"{spread}; {runs[0].train.size:,} images labelled, {runs[0].test.size:,} classified per seed.")
+
+
+def show_curve(classifiers: tuple[str, ...], n_seeds: int) -> None:
+    st.subheader("Accuracy versus labels")
+    with st.spinner("Computing the curve…"):
+        points = fewlabels.curve(collection, directory, collection.generation, classifiers, n_seeds)
+    if points:
+        st.plotly_chart(fewlabels.curve_figure(points), key=key("curve"))
+        st.caption("Error bars: one standard deviation over seeds. Budgets: "
+                   + ", ".join(dict.fromkeys(p.budget.name for p in points)) + ".")
+
+
+def show_classes(evaluation: fewlabels.Evaluation) -> None:
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader("Confusion matrix")
+        st.plotly_chart(fewlabels.confusion_figure(evaluation.confusion, evaluation.classes), key=key("confusion"))
+        st.caption("Counts summed over seeds; colour = share of the true class.")
+    with right:
+        st.subheader("Per class")
+        st.dataframe(fewlabels.per_class_table(evaluation), hide_index=True, column_config={
+            "accuracy": st.column_config.ProgressColumn("accuracy", format="percent", min_value=0, max_value=1),
+            "tested": st.column_config.NumberColumn("tested / seed")})
+
+
+def show_mistakes(evaluation: fewlabels.Evaluation) -> None:
+    found = fewlabels.mistakes(evaluation, MISTAKES_SHOWN)
+    st.subheader("Mistakes")
+    if not found:
+        st.caption("No mistakes with the first seed.")
+        return
+    wrong = int((evaluation.runs[0].pred != evaluation.runs[0].truth).sum())
+    st.caption(f"First seed: {wrong:,} wrong; the most confident mistakes first.")
+    tiles = [Tile(m.item_id, [f"true **{m.truth}**", f"predicted **{m.predicted}** ({m.confidence:.0%})"])
+             for m in found]
+    clicked = tile_grid(collection, tiles, key=key("mistakes"), columns=5)
+    if clicked is not None:
+        open_as_query(clicked)
+
+
+def evaluation_mode(labels: fewlabels.FolderLabels) -> None:
+    settings = evaluation_settings(labels)
+    if settings is None:
+        st.caption("Choose a budget and a classifier, then press Evaluate.")
+        return
+    budget = settings.budget
+    try:
+        with st.spinner("Training on the few labels…"):
+            evaluation = fewlabels.evaluate(collection, directory, collection.generation, settings.classifier,
+                                            budget.per_class, budget.fraction, settings.n_seeds)
+    except ValueError as exc:
+        st.error(f"Cannot evaluate: {exc}")
+        return
+    show_headline(evaluation, budget)
+    chosen = tuple(fewlabels.classifiers_for(len(labels.rows))) if settings.compare else (settings.classifier,)
+    show_curve(chosen, settings.n_seeds)
+    show_classes(evaluation)
+    show_mistakes(evaluation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interactive labelling
+# ---------------------------------------------------------------------------------------------
+
+
+def import_csv(frame: pd.DataFrame) -> None:
+    """Labels from a CSV (path,label). Each upload is imported once: the uploader keeps its file
+    across reruns, so its id is remembered."""
+    with st.expander("Import labels from a CSV"):
+        upload = st.file_uploader("CSV with the columns path and label", type=["csv"], key=key("csv"))
+        if upload is None:
+            return
+        done = key("csv-done")
+        if st.session_state.get(done, (None, ""))[0] != upload.file_id:
+            try:
+                pairs = fewlabels.parse_label_csv(upload.getvalue())
+            except fewlabels.LabelCsvError as exc:
+                message = f"error:Cannot import {upload.name}: {exc}"
+            else:
+                report = fewlabels.import_labels(collection, pairs, dict.fromkeys(frame["path"]))
+                message = ("ok:" if report.saved else "warning:") + report.line()
+            st.session_state[done] = (upload.file_id, message)
+        kind, _, text = st.session_state[done][1].partition(":")
+        {"error": st.error, "warning": st.warning}.get(kind, st.success)(text)
+
+
+def label_suggestions(frame: pd.DataFrame, labelled: dict[int, str]) -> None:
+    st.subheader("Label these")
+    left, right = st.columns([1, 3], vertical_alignment="bottom")
+    n = int(left.number_input("How many", min_value=1, max_value=40, value=SUGGESTIONS_DEFAULT, key=key("n")))
+    if right.button("Other suggestions", key=key("reshuffle")):
+        st.session_state[key("round")] = st.session_state.get(key("round"), 0) + 1
+    seed = int(st.session_state.get(key("round"), 0))
+    with st.spinner("Choosing images spread over the collection…"):
+        ids = fewlabels.suggestions(collection, directory, collection.generation, n, seed,
+                                    tuple(sorted(labelled)))
+    if not ids:
+        st.caption("Every image has a label.")
+        return
+    known = sorted(set(labelled.values()))
+    st.caption("One image per region of the embedding space, regions without labels first. "
+               + (f"Labels so far: {', '.join(known)}." if known else "Type a label under each (or leave it empty)."))
+    table = state.item_table(collection)
+    with st.form(key("label-form"), border=False):
+        for start in range(0, len(ids), COLUMNS):
+            for cell, item_id in zip(st.columns(COLUMNS), ids[start:start + COLUMNS]):
+                with cell:
+                    thumb = collection.thumbnail(item_id)
+                    if thumb is not None:
+                        st.image(thumb, width="stretch")
+                    st.caption(str(table.row(item_id)["path"]))
+                    st.text_input("Label", key=key(f"label:{item_id}"), placeholder="label",
+                                  label_visibility="collapsed")
+        submitted = st.form_submit_button("Save labels", type="primary")
+    if submitted:
+        save_typed(ids, table)
+
+
+def save_typed(ids: list[int], table: state.ItemTable) -> None:
+    saved = 0
+    for item_id in ids:
+        text = str(st.session_state.get(key(f"label:{item_id}")) or "").strip()
+        if text:
+            collection.set_user_label(str(table.row(item_id)["path"]), text)
+            saved += 1
+    st.session_state[key("flash")] = f"Saved {saved} label{'s' if saved != 1 else ''}." if saved \
+        else "Nothing to save: type a label under an image first."
+    st.rerun()
+
+
+def show_labels(labelled: dict[int, str]) -> None:
+    if not labelled:
+        return
+    counts = pd.Series(list(labelled.values())).value_counts()
+    st.caption("Your labels: " + ", ".join(f"{name} ({count})" for name, count in counts.items()))
+
+
+def classification(frame: pd.DataFrame, labelled: dict[int, str]) -> None:
+    st.subheader("The whole collection")
+    if len(set(labelled.values())) < 2:
+        st.info("Label images of at least two classes to classify the whole collection.")
+        return
+    method = st.selectbox("Classifier", fewlabels.INTERACTIVE_CLASSIFIERS, key=key("method"),
+                          format_func=fewlabels.CLASSIFIER_NAMES.get)
+    with st.spinner("Classifying…"):
+        predictions = fewlabels.classify(collection, directory, collection.generation,
+                                         tuple(sorted(labelled.items())), method)
+    left, right = st.columns([3, 2])
+    classes = left.multiselect("Predicted class", sorted(set(labelled.values())), key=key("classes"),
+                               placeholder="all classes")
+    minimum = right.slider("Minimum confidence", 0.0, 1.0, 0.0, 0.05, key=key("min-conf"))
+    shown = fewlabels.filter_predictions(predictions, classes, minimum)
+    st.caption(f"{len(shown):,} of {len(predictions):,} images. Confidence: the predicted class's share of the "
+               "kNN votes, or its probability.")
+    st.dataframe(shown.drop(columns=["id"]), hide_index=True, column_config={
+        "confidence": st.column_config.ProgressColumn("confidence", format="percent", min_value=0, max_value=1)})
+    st.download_button("Download CSV", fewlabels.predictions_csv(shown), key=key("download"),
+                       file_name=f"{Path(directory).name}-predictions.csv", mime="text/csv", on_click="ignore")
+
+
+def interactive_mode() -> None:
+    frame = state.item_table(collection).frame
+    import_csv(frame)
+    flash = st.session_state.pop(key("flash"), None)
+    if flash:
+        st.success(flash)
+    labelled = fewlabels.user_labels_by_row(collection, frame)
+    show_labels(labelled)
+    label_suggestions(frame, labelled)
+    classification(frame, labelled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Page
+# ---------------------------------------------------------------------------------------------
+
+
+collection: Collection = state.require_collection()
+directory = str(Path(collection.directory).resolve())
+st.title("Few labels")
+folder = fewlabels.folder_labels(state.item_table(collection).frame)
+if len(np.unique(folder.y)) < 2:
+    st.info("Fewer than two folder labels (IMAGE_DIR/LABEL/…), so nothing to evaluate against: label images here.")
+    interactive_mode()
+elif st.radio("Mode", [EVALUATE, INTERACTIVE], horizontal=True, key=key("mode"),
+              label_visibility="collapsed") == EVALUATE:
+    evaluation_mode(folder)
+else:
+    interactive_mode()

@@ -1,0 +1,121 @@
+"""Map page: the collection's stored 2-D projection, coloured by label or cluster, with the query.
+
+The coordinates were computed at index time (``indexer`` fits the projection once and places
+later items into it), so opening this page never runs t-SNE. Clicking a point, or drawing a box
+or lasso, shows those images beside the map; any of them can become the session's query.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import streamlit as st
+
+from app import mapview, state
+from app.components import Tile, tile_grid
+from indexer.collection import Collection
+
+CHART_KEY = "map_chart"
+NEIGHBOURS = 6
+AREA_TILES = 9
+DEFAULT_CLUSTERS = 10
+
+
+@st.cache_resource(max_entries=4, show_spinner="Clustering the vectors…")
+def _clusters(directory: str, generation: int, k: int, _collection: Collection) -> npt.NDArray[np.int64]:
+    # directory + generation + k are the cache key; the collection itself is not hashed.
+    return mapview.cluster_labels(_collection.vectors, k)
+
+
+def colour_groups(collection: Collection, labels: list[object]) -> tuple[npt.NDArray[np.object_], bool]:
+    """The colour group of each item and whether the hover should name it (clusters only)."""
+    has_labels = any(mapview.has_label(label) for label in labels)
+    options = ["label", "cluster"] if has_labels else ["cluster"]
+    left, right = st.columns([2, 3])
+    with left:
+        if has_labels:
+            colour_by = st.radio("Colour by", options, horizontal=True, key="map_colour_by",
+                                 format_func=lambda o: {"label": "folder label", "cluster": "k-means cluster"}[o])
+        else:
+            colour_by = "cluster"
+            st.caption("No folder labels in this collection: coloured by k-means cluster of the embeddings.")
+    if colour_by == "label":
+        return mapview.group_names(labels), False
+    with right:
+        k = st.slider("Clusters", 2, 50, DEFAULT_CLUSTERS, key="map_clusters")
+    directory = str(Path(collection.directory).resolve())
+    clusters = _clusters(directory, collection.generation, min(k, len(labels)), collection)
+    return np.array([f"cluster {c + 1}" for c in clusters], dtype=object), True
+
+
+def make_query(item_id: int) -> None:
+    """Make an item the session's query and open the Neighbours page on it."""
+    state.set_item_query(collection, item_id)
+    st.switch_page("views/neighbours.py")
+
+
+def show_item(item_id: int) -> None:
+    """One clicked point: its thumbnail, a button to search with it, and its nearest images."""
+    row = table.row(item_id)
+    thumb = collection.thumbnail(item_id)
+    if thumb is not None:
+        st.image(thumb, width=200)
+    st.markdown(f"`{row['path']}`  \nlabel **{row['label'] if mapview.has_label(row['label']) else 'none'}**")
+    if st.button("Search with this image", key="map_search_selected", type="primary"):
+        make_query(item_id)
+    hits = collection.search_id(item_id, NEIGHBOURS)
+    st.markdown(f"**Top {len(hits)} neighbours**")
+    tiles = [Tile(h.id, [f"**{h.score:.3f}** · {h.label or 'unlabeled'}"]) for h in hits]
+    clicked = tile_grid(collection, tiles, key="map_neighbours", columns=3)
+    if clicked is not None:
+        make_query(clicked)
+
+
+def show_area(ids: list[int]) -> None:
+    """A box or lasso: how many, which labels, and a few of the images."""
+    rows = table.frame.iloc[[table.position[i] for i in ids if i in table.position]]
+    st.markdown(f"**{len(rows):,} images selected**")
+    counts = rows["label"].fillna(mapview.NO_LABEL).value_counts()
+    st.caption(" · ".join(f"{name}: {count:,}" for name, count in counts.head(8).items()))
+    tiles = [Tile(int(r.id), [f"`{r.name}`"]) for r in rows.head(AREA_TILES).itertuples()]
+    clicked = tile_grid(collection, tiles, key="map_area", columns=3)
+    if clicked is not None:
+        make_query(clicked)
+
+
+collection = state.require_collection()
+table = state.item_table(collection)
+frame = table.frame
+
+st.title("Map")
+if not len(frame):
+    st.info("This collection has no indexed images yet.")
+    st.stop()
+if not np.isfinite(frame["x"].to_numpy(np.float64)).any():
+    st.info("This collection has no map: rebuild it with `python -m indexer build` to compute one.")
+    st.stop()
+
+groups, by_cluster = colour_groups(collection, frame["label"].tolist())
+query = state.current_query(collection)
+previous = mapview.read_selection((st.session_state.get(CHART_KEY) or {}).get("selection"), [])
+keep = [*previous.ids, *([query.item_id] if query is not None and query.item_id is not None else [])]
+drawn = mapview.build_map(frame, groups, keep_ids=keep, by_cluster=by_cluster,
+                          query_xy=query.xy if query is not None else None,
+                          query_title=query.title if query is not None else "")
+
+map_col, side_col = st.columns([3, 2], gap="medium")
+with map_col:
+    event = st.plotly_chart(drawn.figure, key=CHART_KEY, on_select="rerun", selection_mode=("points", "box", "lasso"),
+                            config={"scrollZoom": True, "displaylogo": False})
+    note = f"{drawn.caption}." + (f" ★ marks the query: `{query.title}`." if query is not None and query.xy else "")
+    st.caption(note)
+with side_col:
+    selection = mapview.read_selection(event.selection if event is not None else None, drawn.trace_ids)
+    if not selection.ids:
+        st.info("Click a point, or draw a box or lasso (tools above the map), to see its images here.")
+    elif not selection.area:
+        show_item(selection.ids[0])
+    else:
+        show_area(selection.ids)

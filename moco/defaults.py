@@ -1,0 +1,114 @@
+"""Budget-aware defaults: fit the preset's values to the length of the run.
+
+The published recipes were tuned for 200-800 ImageNet epochs, hundreds of thousands of steps.
+A run of a few hundred steps (a short `--time-budget`, a small folder) keeps some of their
+numbers far outside the range where they work:
+
+- the key encoder is an exponential average of the query encoder with a horizon of
+  1/(1-m) steps: 1,000 steps at m = 0.999, longer than the whole run, so the keys come from a
+  barely trained network to the end;
+- the queue holds the keys of the last K/batch steps: 256 steps for K = 65536 at batch 256,
+  during which it still holds the random vectors it started with;
+- a warm-up given in epochs can cover most of a short run (MoCo v3's 10 epochs), and a run at
+  full learning rate from the first step gains from a short warm-up.
+
+`fit_to_plan` adjusts these from the planned number of steps, and only the values the user did
+not set on the command line; each change is returned as a note with its reason, printed at
+start and stored in the checkpoint config. `--paper-defaults` turns all of it off: the preset's
+published values, capped only by the size of the folder (`config.fit_to_data`).
+
+It runs after `fit_to_data` (batch and queue fitted to the folder), for `--epochs` runs before
+training and for `--time-budget` runs once the plan exists. The constants are policy, to be
+tuned by measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from moco.config import TrainConfig, queue_cap_for_data
+
+MOMENTUM_HORIZON_FRACTION = 0.1
+"""The key encoder's averaging horizon 1/(1-m) may span at most 10% of the planned steps, so
+the keys follow the query encoder within the run. The preset's m is the upper bound."""
+
+MOMENTUM_FLOOR = 0.9
+"""...but m never drops below 0.9 (a 10-step horizon): below that the key encoder follows
+the query encoder so closely that the keys lose the consistency MoCo needs."""
+
+QUEUE_AGE_FRACTION = 0.1
+"""The queue may hold the keys of at most 10% of the planned steps (K <= 0.1 x steps x batch),
+like the key encoder's horizon: older keys come from a much older network, and a queue
+that takes most of the run to fill serves its initial random vectors as negatives."""
+
+WARMUP_MIN_FRACTION = 0.05
+"""A linear learning-rate warm-up over at least 5% of the planned steps..."""
+
+WARMUP_MAX_FRACTION = 0.2
+"""...and at most 20% of them (a preset's warm-up in epochs can cover most of a short run)."""
+
+
+def _momentum(config: TrainConfig, planned_steps: int) -> list[str]:
+    horizon_cap = MOMENTUM_HORIZON_FRACTION * planned_steps
+    horizon = 1.0 / (1.0 - config.moco_m)
+    if horizon <= horizon_cap or config.moco_m <= MOMENTUM_FLOOR:
+        return []
+    new = max(MOMENTUM_FLOOR, 1.0 - 1.0 / max(1.0, horizon_cap))
+    new = round(new, 4)
+    if new >= config.moco_m:
+        return []
+    schedule = " (then raised toward 1 on the cosine schedule)" if config.moco_m_cos else ""
+    floor = f", floor {MOMENTUM_FLOOR}" if new == MOMENTUM_FLOOR else ""
+    note = (f"moco_m {config.moco_m:g} -> {new:g}{schedule}: an averaging horizon of {horizon:.0f} steps "
+            f"would exceed {MOMENTUM_HORIZON_FRACTION:.0%} of the {planned_steps} planned steps{floor}")
+    config.moco_m = new
+    return [note]
+
+
+def _queue(config: TrainConfig, num_images: int, planned_steps: int) -> list[str]:
+    if not config.queue_size:
+        return []  # v3: in-batch negatives
+    batch = config.batch_size
+    age_cap = int(QUEUE_AGE_FRACTION * planned_steps) * batch
+    cap = max(batch, min(queue_cap_for_data(num_images, batch), age_cap))
+    if config.queue_size <= cap:
+        return []
+    note = (f"queue_size {config.queue_size} -> {cap}: the queue would hold the keys of "
+            f"{config.queue_size / batch:.0f} steps, more than {QUEUE_AGE_FRACTION:.0%} of the "
+            f"{planned_steps} planned steps")
+    config.queue_size = cap
+    return [note]
+
+
+def _warmup(config: TrainConfig, planned_steps: int, steps_per_epoch: int) -> list[str]:
+    current = round(config.warmup_epochs * steps_per_epoch)
+    low = round(WARMUP_MIN_FRACTION * planned_steps)
+    high = round(WARMUP_MAX_FRACTION * planned_steps)
+    target = min(max(current, low), high)
+    if target == current:
+        return []
+    if current < low:
+        why = f"a linear warm-up over {WARMUP_MIN_FRACTION:.0%} of the {planned_steps} planned steps"
+    else:
+        why = (f"the preset's {config.warmup_epochs:g} epochs ({current} steps) would exceed "
+               f"{WARMUP_MAX_FRACTION:.0%} of the {planned_steps} planned steps")
+    new = target / steps_per_epoch
+    note = f"warmup_epochs {config.warmup_epochs:g} -> {new:.4g} ({target} step{'s' if target != 1 else ''}): {why}"
+    config.warmup_epochs = new
+    return [note]
+
+
+def fit_to_plan(config: TrainConfig, explicit: Collection[str], *, num_images: int, planned_steps: int,
+                steps_per_epoch: int) -> list[str]:
+    """Adjust key momentum, queue size and warm-up to `planned_steps`, in place; one note per
+    change. Values named in `explicit` (set on the command line) are kept as given."""
+    if config.paper_defaults or planned_steps <= 0:
+        return []
+    notes: list[str] = []
+    if "moco_m" not in explicit:
+        notes += _momentum(config, planned_steps)
+    if "queue_size" not in explicit:
+        notes += _queue(config, num_images, planned_steps)
+    if "warmup_epochs" not in explicit:
+        notes += _warmup(config, planned_steps, max(1, steps_per_epoch))
+    return notes

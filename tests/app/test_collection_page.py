@@ -1,0 +1,192 @@
+"""Collection page: what a collection holds (counts, model, index, skipped files) and builds and
+updates started from the form, run for real as child processes."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from app import builds, jobs, state
+from indexer.collection import Collection
+from tests.app.conftest import make_app
+from tests.indexer.conftest import add_bad_files, make_images, make_model, picture
+
+PAGE = "views/collection.py"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder with a model in models/ and no collection yet."""
+    root = tmp_path_factory.mktemp("collection-page")
+    make_model(root / "models" / "tiny.onnx")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_collection(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A collection of 19 good pictures and every kind of bad file (their expected reasons)."""
+    base = tmp_path_factory.mktemp("bad-collection")
+    images = make_images(base / "photos", per_class=6)
+    expected = add_bad_files(images)
+    out = base / "indexes" / "photos"
+    with warnings.catch_warnings():  # Pillow warns about the bomb the indexer then refuses
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Collection.build(images, out, model=make_model(base / "tiny.onnx"), device="cpu", progress=False).close()
+    return out, expected
+
+
+def _page(collection: Path | None, monkeypatch: pytest.MonkeyPatch, *extra: str) -> AppTest:
+    at = make_app(collection, monkeypatch, *extra)
+    at.switch_page(PAGE).run()  # before the first run, so the demo page (and its build) never starts
+    assert not at.exception, at.exception
+    return at
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def _submit(at: AppTest, images: str, name: str = "") -> AppTest:
+    at.text_input(key="build_images").input(images)
+    at.text_input(key="build_name").input(name)
+    next(b for b in at.button if b.label == "Build").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_counts_model_index_and_skipped_files(bad_collection: tuple[Path, dict[str, str]],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    directory, expected = bad_collection
+    at = _page(directory, monkeypatch)
+    assert _metric(at, "Indexed images") == "19"
+    assert _metric(at, "Skipped files") == str(len(expected))
+    assert _metric(at, "Generation") == "1"
+    model_table = at.table[0].value
+    assert model_table.loc["architecture"].iloc[0] == "tiny-projection (test)"
+    assert model_table.loc["image size"].iloc[0].startswith("32 px")
+    assert any("recall@10" in m.value or "Flat" in m.value for m in at.markdown)  # the recipe, described
+    assert any("CPUExecutionProvider" in m.value for m in at.markdown)
+    by_reason, files = (d.value for d in at.dataframe)
+    assert by_reason["files"].sum() == len(expected)
+    assert set(files["path"]) == set(expected)
+    for path, reason in expected.items():
+        got = files.loc[files["path"] == path, "reason"].iloc[0]
+        assert re.fullmatch(reason, got), (path, got)
+    assert [e.value for e in at.error] == []
+
+
+def test_without_a_collection_only_the_form_is_shown(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _page(None, monkeypatch, f"--workdir={workdir}")
+    assert [t.value for t in at.title] == ["Collections"]
+    assert not at.metric and not at.dataframe
+    assert at.selectbox(key="build_model").options == ["tiny.onnx"]
+
+
+@pytest.mark.parametrize(("images", "name", "message"), [
+    ("/no/such/folder", "", "No folder at /no/such/folder."),
+    ("", "", "Enter the folder of images to index."),
+    ("{file}", "", "is a file, not a folder of images."),
+    ("{dir}", "../escape", "is not a plain folder name"),
+    ("{dir}", "a/b", "is not a plain folder name"),
+])
+def test_the_form_rejects_bad_input_with_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  images: str, name: str, message: str) -> None:
+    (tmp_path / "file.jpg").write_bytes(picture_bytes())
+    at = _page(None, monkeypatch, f"--workdir={workdir}")
+    _submit(at, images.format(file=tmp_path / "file.jpg", dir=tmp_path), name)
+    assert len(at.error) == 1 and message in at.error[0].value
+    assert "Traceback" not in at.error[0].value
+    assert "collection_page_jobs" not in at.session_state  # no job was started
+
+
+def picture_bytes() -> bytes:
+    buf = io.BytesIO()
+    picture(1).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_a_build_from_the_form_runs_in_the_background_and_makes_a_collection(
+        workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = make_images(tmp_path / "holiday", per_class=3)
+    at = _page(None, monkeypatch, f"--workdir={workdir}")
+    _submit(at, str(images), "holiday")
+    out = workdir / "indexes" / "holiday"
+    job = jobs.get(builds.build_key(out))
+    assert job is not None, "the form started no job"
+    assert any(m.value == "**Building holiday**" for m in at.markdown)  # its panel is on the page
+    assert job.wait(60), "the build did not finish in a minute"
+    assert job.status == "done", job.error
+    with Collection.open(out, device="cpu") as col:
+        assert len(col) == 10 and col.image_root == images.resolve()
+    at.run()
+    assert not at.exception, at.exception
+    assert any("done in" in s.value for s in at.success)
+    assert "holiday" in at.sidebar.selectbox[0].options  # the picker lists the new collection
+    _submit(at, str(images), "holiday")  # the same name again is refused
+    assert "exists already" in at.error[0].value
+
+
+def test_a_failed_build_shows_its_error_line(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "empty").mkdir()
+    at = _page(None, monkeypatch, f"--workdir={workdir}")
+    _submit(at, str(tmp_path / "empty"), "nothing-here")
+    job = jobs.get(builds.build_key(workdir / "indexes" / "nothing-here"))
+    assert job is not None and job.wait(60)
+    at.run()
+    assert job.status == "failed"
+    assert len(at.error) == 1 and "no image files" in at.error[0].value
+
+
+def test_a_running_job_shows_its_progress_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = ("import sys, time; sys.stdout.write('embedding:  40%|####      | 4/10\\r'); sys.stdout.flush(); "
+              "time.sleep(60)")
+    job = jobs.start("test:progress", "Slow job", [jobs.Stage("Sleeping", [sys.executable, "-c", script])], tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while job.states[0].fraction is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        at = make_app(None, monkeypatch, f"--workdir={tmp_path}")
+        at.session_state["collection_page_jobs"] = ["test:progress"]
+        at.switch_page(PAGE).run()
+        assert not at.exception, at.exception
+        bars = at.get("progress")
+        assert len(bars) == 1 and bars[0].proto.value == 40 and "4/10" in bars[0].proto.text
+    finally:
+        job.cancel()
+        job.wait(10)
+
+
+def test_update_button_embeds_new_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_images(tmp_path / "photos", per_class=3)
+    directory = tmp_path / "indexes" / "photos"
+    Collection.build(root, directory, model=make_model(tmp_path / "tiny.onnx"), device="cpu", progress=False).close()
+    at = _page(directory, monkeypatch)
+    assert _metric(at, "Indexed images") == "10"
+    picture(4242).save(root / "class0" / "new.png")
+    at.button(key="update_collection").click().run()
+    job = jobs.get(builds.update_key(directory))
+    assert job is not None and job.wait(60) and job.status == "done", job and job.error
+    at.run()
+    assert not at.exception, at.exception
+    assert _metric(at, "Indexed images") == "11" and _metric(at, "Generation") == "2"
+    assert state.generation_of(directory) == 2
+
+
+def test_check_build_returns_absolute_paths_under_the_indexes_folder(tmp_path: Path) -> None:
+    model = make_model(tmp_path / "models" / "m.onnx")
+    (tmp_path / "pics").mkdir()
+    request = builds.check_build(str(tmp_path / "pics"), "", model, "auto", tmp_path / "indexes")
+    assert request.out == (tmp_path / "indexes" / "pics").resolve() and request.images.is_absolute()
+    with pytest.raises(builds.FormError, match="No model"):
+        builds.check_build(str(tmp_path / "pics"), "x", None, "auto", tmp_path / "indexes")
+    with pytest.raises(builds.FormError, match="recipe"):
+        builds.check_build(str(tmp_path / "pics"), "x", model, "IVF1,Flat; rm -rf", tmp_path / "indexes")
+    assert builds.list_models(tmp_path) == [model]

@@ -1,0 +1,221 @@
+"""Map page: the stored projection drawn with WebGL, the query star, selections and the point cap."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.proto.WidgetStates_pb2 import WidgetState
+from streamlit.testing.v1 import AppTest
+
+from app import mapview, state
+from indexer.collection import Collection
+from tests.app.conftest import make_app
+from tests.indexer.conftest import COLORS, make_model, picture
+
+MAP = "views/map.py"
+
+
+def _array(value: Any) -> np.ndarray:
+    """A plotly JSON array: a plain list, or a typed array (``{"dtype": "f4", "bdata": base64}``)."""
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+    return np.asarray(value)
+
+
+def _chart(at: AppTest) -> tuple[Any, dict[str, Any]]:
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1, "the map page draws exactly one chart"
+    return charts[0], json.loads(charts[0].proto.spec)
+
+
+def _map_app(collection_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    at = make_app(collection_dir, monkeypatch)
+    at.switch_page(MAP).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _select(at: AppTest, selection: dict[str, Any]) -> AppTest:
+    """Rerun as if the person had selected on the chart.
+
+    AppTest has no plotly widget, so the chart's widget state (the JSON the front end sends)
+    is added to the other widgets' states by hand: the same message a browser would send."""
+    chart, _ = _chart(at)
+    states = at._tree.get_widget_states()
+    state = WidgetState(id=chart.proto.id, string_value=json.dumps({"selection": selection}))
+    states.widgets.append(state)
+    at._run(states)
+    assert not at.exception, at.exception
+    return at
+
+
+def _point(spec: dict[str, Any], curve: int, index: int) -> dict[str, Any]:
+    trace = spec["data"][curve]
+    return {"curve_number": curve, "point_number": index, "point_index": index,
+            "x": float(_array(trace["x"])[index]), "y": float(_array(trace["y"])[index]),
+            "customdata": int(_array(trace["customdata"])[index])}
+
+
+def test_map_draws_every_item_with_webgl_coloured_by_label(collection_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    at = _map_app(collection_dir, monkeypatch)
+    _, spec = _chart(at)
+    with Collection.open(collection_dir, device="cpu") as col:
+        expected = {it.id: it.label or mapview.NO_LABEL for it in col.items}
+    traces = [t for t in spec["data"] if t["type"] == "scattergl"]
+    assert {t["name"] for t in traces} == set(expected.values())
+    drawn = {int(i): t["name"] for t in traces for i in _array(t["customdata"])}
+    assert drawn == expected  # every item once, in the trace of its own label
+    assert any("showing all 37 points" in c.value for c in at.caption)
+
+
+def test_colour_by_cluster_groups_the_points_by_k_means(collection_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    at = _map_app(collection_dir, monkeypatch)
+    at.radio(key="map_colour_by").set_value("cluster").run()
+    at.slider(key="map_clusters").set_value(3).run()
+    assert not at.exception, at.exception
+    _, spec = _chart(at)
+    traces = [t for t in spec["data"] if t["type"] == "scattergl"]
+    assert sorted(t["name"] for t in traces) == ["cluster 1", "cluster 2", "cluster 3"]
+    assert sum(len(_array(t["customdata"])) for t in traces) == 37
+    # The tiny model keeps the three colour classes apart, so each cluster is mostly one label.
+    assert all("label: class" in text or "label: (no label)" in text for t in traces for text in t["hovertext"])
+
+
+def test_a_collection_without_labels_is_coloured_by_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "loose").mkdir()
+    for i in range(16):  # files directly in the root have no label
+        picture(i, COLORS[i % 2]).save(tmp_path / "loose" / f"{i}.png")
+    out = tmp_path / "indexes" / "loose"
+    Collection.build(tmp_path / "loose", out, model=make_model(tmp_path / "tiny.onnx"), device="cpu",
+                     progress=False).close()
+    at = _map_app(out, monkeypatch)
+    assert not at.radio  # nothing to choose: clusters are the only colouring
+    _, spec = _chart(at)
+    traces = [t for t in spec["data"] if t["type"] == "scattergl"]
+    assert 1 < len(traces) <= 10 and all(t["name"].startswith("cluster ") for t in traces)  # k=10 by default
+    assert sum(len(_array(t["customdata"])) for t in traces) == 16
+
+
+def _query_key(collection_dir: Path) -> str:
+    return f"query:{collection_dir.resolve()}"
+
+
+def test_an_uploaded_query_is_a_star_where_the_projection_places_it(collection_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    with Collection.open(collection_dir, device="cpu") as col:
+        vector = col.vectors[5] * 0.5 + col.vectors[6] * 0.5
+        xy = tuple(float(v) for v in col.projection.place(vector[None])[0])
+    at = make_app(collection_dir, monkeypatch)
+    at.session_state[_query_key(collection_dir)] = state.Query("upload", vector, "upload.jpg", None, xy=xy)
+    at.switch_page(MAP).run()
+    assert not at.exception, at.exception
+    _, spec = _chart(at)
+    stars = [t for t in spec["data"] if t.get("marker", {}).get("symbol") == "star"]
+    assert len(stars) == 1
+    assert (_array(stars[0]["x"])[0], _array(stars[0]["y"])[0]) == pytest.approx(xy)
+    assert any("upload.jpg" in c.value for c in at.caption)
+
+
+def test_no_query_no_star(collection_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, spec = _chart(_map_app(collection_dir, monkeypatch))
+    assert not [t for t in spec["data"] if t.get("marker", {}).get("symbol") == "star"]
+
+
+def test_clicking_a_point_shows_it_and_its_neighbours(collection_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _map_app(collection_dir, monkeypatch)
+    _, spec = _chart(at)
+    point = _point(spec, 0, 2)
+    at = _select(at, {"points": [point], "point_indices": [2], "box": [], "lasso": []})
+    with Collection.open(collection_dir, device="cpu") as col:
+        hits = col.search_id(point["customdata"], 6)
+        path = col.item(point["customdata"]).path
+    assert any(path in m.value for m in at.markdown)
+    assert len(at.image) == 1 + len(hits)  # the item and its neighbours
+    neighbour_buttons = [b for b in at.button if b.key and b.key.startswith("map_neighbours:")]
+    assert [int(b.key.split(":")[1]) for b in neighbour_buttons] == [h.id for h in hits]
+    neighbour_buttons[0].click().run()  # makes it the query and opens the Neighbours page
+    assert at.session_state[_query_key(collection_dir)].item_id == hits[0].id
+
+
+def test_a_box_selection_shows_a_few_of_the_selected_images(collection_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _map_app(collection_dir, monkeypatch)
+    _, spec = _chart(at)
+    points = [_point(spec, c, i) for c in range(3) for i in range(4)]
+    box = [{"x": [-1e9, 1e9], "y": [-1e9, 1e9]}]
+    at = _select(at, {"points": points, "point_indices": [p["point_index"] for p in points], "box": box,
+                      "lasso": []})
+    assert any("12 images selected" in m.value for m in at.markdown)
+    assert len(at.image) == 9  # a few of them, not all twelve
+
+
+def _frame(n: int, labels: list[str | None]) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    return pd.DataFrame({"id": np.arange(1, n + 1, dtype=np.int64), "path": [f"a/{i}.jpg" for i in range(n)],
+                         "name": [f"{i}.jpg" for i in range(n)], "label": (labels * n)[:n],
+                         "x": rng.standard_normal(n).astype(np.float32),
+                         "y": rng.standard_normal(n).astype(np.float32)})
+
+
+def _drawn_ids(drawn: mapview.MapFigure) -> np.ndarray:
+    return np.concatenate(drawn.trace_ids)
+
+
+def test_large_maps_are_capped_stably_and_keep_the_query() -> None:
+    frame = _frame(100_000, ["cat", "dog", None])
+    groups = mapview.group_names(frame["label"].tolist())
+    query_id = 99_999  # chosen so the fixed sample would not hold it on its own
+    assert query_id not in set(_drawn_ids(mapview.build_map(frame, groups, max_points=5_000)))
+    drawn = mapview.build_map(frame, groups, max_points=5_000, keep_ids=[query_id], query_xy=(0.5, -0.5))
+    ids = _drawn_ids(drawn)
+    assert drawn.shown == len(ids) == 5_001 and drawn.total == 100_000
+    assert query_id in set(ids)
+    assert drawn.caption.startswith("showing 5,001 of 100,000 points")
+    again = mapview.build_map(frame, groups, max_points=5_000, keep_ids=[query_id], query_xy=(0.5, -0.5))
+    assert again.figure.to_json() == drawn.figure.to_json()  # same picture, so the chart keeps its selection
+    assert [t.type for t in drawn.figure.data] == ["scattergl"] * 3 + ["scatter"]
+
+
+def test_points_without_coordinates_are_not_drawn() -> None:
+    frame = _frame(10, ["a"])
+    frame.loc[3, "x"] = np.nan
+    drawn = mapview.build_map(frame, mapview.group_names(frame["label"].tolist()))
+    assert drawn.total == drawn.shown == 9
+    assert 4 not in set(_drawn_ids(drawn))
+
+
+def test_many_groups_use_one_trace_with_a_colour_scale() -> None:
+    frame = _frame(500, [f"class{i}" for i in range(100)])
+    drawn = mapview.build_map(frame, mapview.group_names(frame["label"].tolist()))
+    assert len(drawn.figure.data) == 1 and drawn.figure.data[0].marker.colorscale is not None
+
+
+def test_read_selection_finds_items_by_customdata_or_position() -> None:
+    trace_ids = [np.array([10, 11, 12]), np.array([20, 21]), np.zeros(0, np.int64)]
+    click = {"points": [{"curve_number": 1, "point_index": 1, "customdata": 21}], "box": [], "lasso": []}
+    assert mapview.read_selection(click, trace_ids) == mapview.Selection([21], False)
+    no_custom = {"points": [{"curve_number": 0, "point_index": 2}], "box": [], "lasso": []}
+    assert mapview.read_selection(no_custom, trace_ids).ids == [12]
+    star = {"points": [{"curve_number": 2, "point_index": 0}], "box": [], "lasso": []}
+    assert mapview.read_selection(star, trace_ids).ids == []
+    box = {"points": [{"curve_number": 0, "point_index": 0, "customdata": [10]}], "box": [{"x": [0, 1]}]}
+    assert mapview.read_selection(box, trace_ids) == mapview.Selection([10], True)
+    assert mapview.read_selection(None, trace_ids) == mapview.Selection([], False)
+
+
+def test_clusters_follow_the_vectors() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.eye(8, dtype=np.float32)[:3] * 10
+    vectors = np.concatenate([c + rng.standard_normal((50, 8)).astype(np.float32) for c in centres])
+    clusters = mapview.cluster_labels(vectors, 3)
+    for block in range(3):
+        assert len(set(clusters[block * 50:(block + 1) * 50])) == 1
+    assert len(set(clusters)) == 3

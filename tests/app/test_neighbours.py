@@ -1,0 +1,121 @@
+"""The Neighbours page (landing page): default query, clicking results, uploads good and bad."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app import state
+from app.query import MAX_UPLOAD_MB, UploadError, embed_upload
+from indexer.collection import Collection
+from tests.app.conftest import PER_CLASS
+from tests.indexer.conftest import COLORS, encode, picture
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def query_title(at: AppTest) -> str:
+    """The query's file name, drawn as inline code under the "Query" heading."""
+    return next(m.value for m in at.markdown if m.value.startswith("`")).split()[0]
+
+
+def test_landing_page_opens_with_a_query_and_its_neighbours(app: AppTest) -> None:
+    app.run()
+    assert not app.exception
+    assert [s.value for s in app.subheader] == ["Query", "Top 10 neighbours"]
+    result_buttons = [b for b in app.button if b.key and b.key.startswith("hits:")]
+    assert len(result_buttons) == 10
+    assert app.file_uploader[0].label.startswith("Find images like this one")
+
+
+def test_clicking_a_result_makes_it_the_query(app: AppTest, collection_dir: Path) -> None:
+    app.run()
+    first = next(b for b in app.button if b.key and b.key.startswith("hits:"))
+    item_id = int(first.key.split(":")[1])
+    first.click().run()
+    assert not app.exception
+    with Collection.open(collection_dir) as collection:
+        expected = collection.item(item_id).path
+    assert query_title(app) == f"`{expected}`"
+    # The new query's own neighbours are shown, and it is not among them.
+    assert f"hits:{item_id}" not in [b.key for b in app.button]
+
+
+def test_uploading_an_image_finds_its_class(app: AppTest) -> None:
+    app.run()
+    # A new picture of class 1's colour: its nearest neighbours are class 1 pictures.
+    data = encode(picture(4242, COLORS[1]), "PNG")
+    app.file_uploader[0].upload("query.png", data, "image/png").run()
+    assert not app.exception
+    assert not app.error
+    assert query_title(app) == "`query.png`"
+    captions = [c.value for c in app.caption if c.value.startswith("**")]  # "**0.93** · label  \n`name`"
+    labels = [c.split("·")[1].split()[0] for c in captions[:5]]
+    assert labels.count("class1") >= 4, labels
+
+
+def test_a_bad_upload_gets_one_clear_line(app: AppTest) -> None:
+    app.run()
+    app.file_uploader[0].upload("notes.png", b"this is a text file, not a picture\n" * 20, "image/png").run()
+    assert not app.exception
+    expected = "Cannot use notes.png: it is not an image the app can read (jpg, png or webp)."
+    assert [e.value for e in app.error] == [expected]
+    # The previous query and its neighbours are still there.
+    assert [s.value for s in app.subheader] == ["Query", "Top 10 neighbours"]
+
+
+def test_upload_rules(collection_dir: Path) -> None:
+    with Collection.open(collection_dir) as collection:
+        with pytest.raises(UploadError, match="limit is"):
+            embed_upload(collection, "huge.jpg", b"\xff" * (MAX_UPLOAD_MB * 2**20 + 1))
+        with pytest.raises(UploadError, match="empty"):
+            embed_upload(collection, "empty.jpg", b"")
+        jpeg_named_png = encode(picture(1, COLORS[0]), "JPEG")
+        embedded = embed_upload(collection, "photo.png", jpeg_named_png)
+        assert embedded.vector.shape == (collection.dim,)
+        assert embedded.thumbnail[:2] == b"\xff\xd8"
+
+
+def test_filter_and_browse_pick(app: AppTest, collection_dir: Path) -> None:
+    app.run()
+    app.segmented_control(key="query_mode").set_value("Pick from the collection").run()
+    app.text_input(key="name_filter").input("class2/").run()
+    assert any(c.value == f"{PER_CLASS} images match" for c in app.caption)
+    pick = next(b for b in app.button if b.key and b.key.startswith("browse:"))
+    pick.click().run()
+    assert query_title(app).startswith("`class2/")
+
+
+def test_images_are_served_only_from_inside_the_root(collection_dir: Path, tmp_path: Path) -> None:
+    with Collection.open(collection_dir) as collection:
+        inside = collection.items[0].path
+        assert state.safe_image_path(collection, inside) == (collection.image_root / inside).resolve()
+        outside = tmp_path / "secret.txt"
+        outside.write_text("private")
+        assert state.safe_image_path(collection, str(outside)) is None
+        assert state.safe_image_path(collection, "../" * 10 + str(outside).lstrip("/")) is None
+        assert state.safe_image_path(collection, "no/such/file.jpg") is None
+
+
+def test_collection_argument_that_is_not_a_collection(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.app.conftest import make_app
+
+    at = make_app(tmp_path / "nothing-here", monkeypatch)
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and "No collection at" in at.error[0].value
+
+
+def test_the_app_never_imports_torch() -> None:
+    """The serving side runs where PyTorch is not installed (Architecture: dependency rules)."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['moco'] = None\n"
+            "import app.state, app.query, app.jobs, app.demo, app.components\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
