@@ -10,7 +10,10 @@ import streamlit as st
 from app.jobs import Job
 from indexer.collection import Collection
 
-STAGE_ICONS = {"pending": "⏳", "running": "🔄", "done": "✅", "skipped": "✅", "failed": "❌"}
+STAGE_ICONS = {"pending": ":material/schedule:", "running": ":material/sync:",
+               "done": ":green[:material/check_circle:]", "skipped": ":green[:material/check_circle:]",
+               "failed": ":red[:material/error:]"}
+"""Material icons ship with Streamlit's own font, so they show in any browser (emoji need a system font)."""
 
 
 @dataclass(frozen=True)

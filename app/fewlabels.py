@@ -339,12 +339,13 @@ class ImportReport:
 def import_labels(collection: Collection, pairs: Sequence[tuple[str, str]], known: Mapping[str, object]
                   ) -> ImportReport:
     """Store the labels of known paths in the collection; the others are reported, not guessed."""
-    saved, unknown = 0, []
+    found: dict[str, str | None] = {}
+    unknown = []
     for raw, label in pairs:
         path = normalise_path(raw, collection.image_root)
         if path in known:
-            collection.set_user_label(path, label)
-            saved += 1
+            found[path] = label
         else:
             unknown.append(raw)
-    return ImportReport(saved, unknown)
+    collection.set_user_labels(found)
+    return ImportReport(len(found), unknown)

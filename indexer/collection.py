@@ -355,16 +355,20 @@ class Collection:
         return {r["path"]: r["label"] for r in self._conn.execute("SELECT path, label FROM user_labels")}
 
     def set_user_label(self, path: str, label: str | None) -> None:
-        """Set (or with None clear) a person's label for a file; a small transaction of its own,
-        outside the generations, so it needs no writer lock."""
+        """Set (or with None clear) a person's label for a file."""
+        self.set_user_labels({path: label})
+
+    def set_user_labels(self, labels: dict[str, str | None]) -> None:
+        """Set (None: clear) people's labels for many files in one transaction of its own, outside
+        the generations, so it needs no writer lock; a CSV import of thousands is one commit."""
+        now = time.time_ns()
         conn = store.connect(self.directory)
         try:
             with conn:
-                if label is None:
-                    conn.execute("DELETE FROM user_labels WHERE path = ?", (path,))
-                else:
-                    conn.execute("INSERT OR REPLACE INTO user_labels (path, label, updated_ns) VALUES (?, ?, ?)",
-                                 (path, label, time.time_ns()))
+                conn.executemany("DELETE FROM user_labels WHERE path = ?",
+                                 [(path,) for path, label in labels.items() if label is None])
+                conn.executemany("INSERT OR REPLACE INTO user_labels (path, label, updated_ns) VALUES (?, ?, ?)",
+                                 [(path, label, now) for path, label in labels.items() if label is not None])
         finally:
             conn.close()
 

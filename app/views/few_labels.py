@@ -206,12 +206,11 @@ def label_suggestions(frame: pd.DataFrame, labelled: dict[int, str]) -> None:
 
 
 def save_typed(ids: list[int], table: state.ItemTable) -> None:
-    saved = 0
-    for item_id in ids:
-        text = str(st.session_state.get(key(f"label:{item_id}")) or "").strip()
-        if text:
-            collection.set_user_label(str(table.row(item_id)["path"]), text)
-            saved += 1
+    typed = {str(table.row(item_id)["path"]): str(st.session_state.get(key(f"label:{item_id}")) or "").strip()
+             for item_id in ids}
+    typed = {path: text for path, text in typed.items() if text}
+    collection.set_user_labels(typed)
+    saved = len(typed)
     st.session_state[key("flash")] = f"Saved {saved} label{'s' if saved != 1 else ''}." if saved \
         else "Nothing to save: type a label under an image first."
     st.rerun()

@@ -81,6 +81,13 @@ with query_col:
         st.image(query.thumbnail, width=220)
     source = "uploaded" if query.kind == "upload" else (f"label **{query.label}**" if query.label else "unlabeled")
     st.markdown(f"`{query.title}`  \n{source}")
+    if query.kind == "item" and st.toggle("Show the original", key="show_original"):
+        # Only a file inside the collection's image folder is ever read (state.safe_image_path).
+        original = state.safe_image_path(collection, query.title)
+        if original is None:
+            st.caption("The original file is no longer in the image folder.")
+        else:
+            st.image(str(original), width="stretch")
     if query.xy is not None:
         background = minimap_background(str(collection.directory.resolve()), collection.generation)
         st.image(with_star(background, query.xy), caption="where the query lies on the map")

@@ -119,3 +119,28 @@ def test_the_app_never_imports_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
+
+
+def test_the_original_is_shown_from_inside_the_image_folder_only(collection_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from tests.app.conftest import make_app
+
+    copy = tmp_path / "collection"
+    shutil.copytree(collection_dir, copy)
+    at = make_app(copy, monkeypatch)
+    at.run()
+    images_before = len(at.image)
+    at.toggle(key="show_original").set_value(True).run()
+    assert not at.exception
+    assert len(at.image) == images_before + 1
+    # The file gone from the image folder: a line says so, nothing else is read.
+    title = query_title(at).strip("`")
+    with Collection.open(copy) as collection:
+        (collection.image_root / title).rename(tmp_path / "moved-away")
+    try:
+        at.run()
+        assert any("no longer in the image folder" in c.value for c in at.caption)
+    finally:
+        (tmp_path / "moved-away").rename(collection.image_root / title)

@@ -285,3 +285,13 @@ def test_many_updates_compact_the_vectors_files(tmp_path, image_dir, tiny_model)
     model = EmbeddingModel(tiny_model, device="cpu")
     for item, vec in zip(col.items, np.asarray(col.vectors)):
         np.testing.assert_allclose(vec, model.embed_image(image_dir / item.path), atol=1e-5)
+
+
+def test_user_labels_are_set_in_bulk_cleared_and_survive_an_update(tmp_path, image_dir, tiny_model):
+    col = _build(image_dir, tmp_path / "col", tiny_model)
+    paths = [it.path for it in col.items][:3]
+    col.set_user_labels({paths[0]: "cat", paths[1]: "dog", paths[2]: "cat"})
+    col.set_user_labels({paths[1]: None, paths[2]: "bird"})
+    assert col.user_labels() == {paths[0]: "cat", paths[2]: "bird"}
+    reopened = col.update(device="cpu")
+    assert reopened.user_labels() == {paths[0]: "cat", paths[2]: "bird"}
