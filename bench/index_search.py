@@ -83,11 +83,12 @@ def latency(index, queries: np.ndarray, k: int = 10) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
-def run_one(name: str, x: np.ndarray, queries: np.ndarray, spec: str, work: Path, lat_queries: int) -> dict:
+def run_one(name: str, x: np.ndarray, queries: np.ndarray, spec: str, work: Path, lat_queries: int,
+            train_size: int | None = None) -> dict:
     ids = np.arange(len(x), dtype=np.int64)
     recipe = ann.choose_recipe(len(x), x.shape[1], spec)
     t0 = time.perf_counter()
-    index, recipe = ann.build_index(x, ids, recipe, use_gpu=False)
+    index, recipe = ann.build_index(x, ids, recipe, use_gpu=False, train_size=train_size)
     build_s = time.perf_counter() - t0
     ann.save_index(index, work / "bench.faiss")
     size_mb = os.path.getsize(work / "bench.faiss") / 2**20
@@ -97,7 +98,7 @@ def run_one(name: str, x: np.ndarray, queries: np.ndarray, spec: str, work: Path
     row = {"data": name, "n": len(x), "recipe": spec, "factory": recipe.factory, "params": recipe.params,
            "build_s": round(build_s, 1), "index_mb": round(size_mb, 1), "p50_ms": round(p50, 3),
            "p99_ms": round(p99, 3), "recall_at_10": round(ann.recall_at(found, truth), 4),
-           "tuned_recall_held_out": recipe.recall_at_10}
+           "tuned_recall_held_out": recipe.recall_at_10, "train_size": recipe.train_size}
     print(json.dumps(row), flush=True)
     return row
 
@@ -111,7 +112,9 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.5, help="relative noise of the copies (default 0.5)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--kinds", default="embeddings,uniform")
-    parser.add_argument("--recipes", default="flat,auto")
+    parser.add_argument("--recipes", nargs="+", default=["flat", "auto"],
+                        help="--index values: flat, auto, ivf, hnsw or FAISS factory strings")
+    parser.add_argument("--train-size", type=int, default=None, help="vectors to train on (default: 40 per list)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -124,9 +127,9 @@ def main() -> None:
                 x = extend(train, n, args.noise)
             else:
                 x, queries = uniform(n, 512, 0), uniform(args.queries, 512, 1)
-            for spec in args.recipes.split(","):
+            for spec in args.recipes:
                 lat_q = 100 if spec == "flat" and n >= 500_000 else 500
-                rows.append(run_one(kind, x, queries, spec, args.work, lat_q))
+                rows.append(run_one(kind, x, queries, spec, args.work, lat_q, args.train_size))
             del x
     print(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}, indent=2))
 

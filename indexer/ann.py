@@ -33,6 +33,7 @@ __all__ = [
     "Recipe",
     "Searcher",
     "build_index",
+    "build_recipe",
     "choose_recipe",
     "exact_knn",
     "gpu_count",
@@ -67,6 +68,7 @@ class Recipe:
     measured_queries: int = 0
     train_size: int = 0
     build_seconds: float = 0.0
+    note: str = ""  # why the recipe is what it is, when ``auto`` had to change its first choice
 
     @property
     def exact(self) -> bool:
@@ -93,19 +95,42 @@ def available_memory() -> int:
     return 8 << 30
 
 
+HNSW_QUANTIZER_MIN = 500_000
+"""From this many vectors IVF gets 16 sqrt(n) lists (4x more) behind an HNSW coarse quantizer.
+Measured at 1M embeddings (BENCHMARKS.md, bench/index_search.py): ``IVF4096,Flat`` p50 6.9 ms,
+because real collections fill lists unevenly and nprobe 12 then scans ~43k vectors;
+``IVF16384_HNSW32,Flat`` p50 4.3 ms at the same recall (0.979), the HNSW finding the nearest of
+16k centroids in well under a millisecond where a flat scan of them would cost ~1 ms."""
+
+TRAIN_PER_LIST = 40
+"""k-means points per list (FAISS warns below 39) for ordinary IVF."""
+TRAIN_PER_LIST_HNSW = 10
+"""Fewer for the 16k+ lists of large collections: 40 per list would be 655k points and ~15 min
+of k-means on two cores; 10 per list gave the measured 1M recall above (nprobe is tuned after)."""
+
+
 def ivf_nlist(n: int) -> int:
-    """Number of IVF lists: the power of two nearest 4 * sqrt(n), between 16 and 65536, and small
-    enough that k-means sees at least 39 points per list (FAISS's own minimum)."""
-    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    """Number of IVF lists: the power of two nearest 4 * sqrt(n) (16 * sqrt(n) from
+    :data:`HNSW_QUANTIZER_MIN` vectors), between 16 and 65536, and small enough that k-means
+    sees at least 39 points per list (FAISS's own minimum)."""
+    factor = 16 if n >= HNSW_QUANTIZER_MIN else 4
+    nlist = 2 ** round(math.log2(max(1.0, factor * math.sqrt(n))))
     while nlist > 16 and nlist * 40 > n:
         nlist //= 2
     return int(min(65536, max(16, nlist)))
 
 
+def ivf_prefix(n: int) -> str:
+    """``IVF<nlist>`` or, for large collections, ``IVF<nlist>_HNSW32`` (HNSW coarse quantizer)."""
+    nlist = ivf_nlist(n)
+    return f"IVF{nlist}_HNSW32" if n >= HNSW_QUANTIZER_MIN else f"IVF{nlist}"
+
+
 def choose_recipe(n: int, dim: int, spec: str = "auto", *, memory_budget: int | None = None) -> Recipe:
     """Turn ``--index`` (auto, flat, hnsw, ivf or a FAISS factory string) into a recipe.
 
-    ``auto``: exact (``Flat``) up to :data:`FLAT_MAX` vectors (at D=512), else IVF with 4*sqrt(n) lists,
+    ``auto``: exact (``Flat``) up to :data:`FLAT_MAX` vectors (at D=512), else IVF with 4*sqrt(n) lists
+    (16*sqrt(n) behind an HNSW quantizer from :data:`HNSW_QUANTIZER_MIN`),
     storing full vectors when they fit in ``memory_budget`` (default: half the available RAM),
     8-bit scalar-quantised ones when a quarter of that fits, else OPQ + PQ (16x smaller).
     """
@@ -118,15 +143,15 @@ def choose_recipe(n: int, dim: int, spec: str = "auto", *, memory_budget: int | 
     if spec in ("auto", "ivf"):
         if spec == "auto" and n * dim <= FLAT_MAX * 512:
             return Recipe("flat", "Flat")
-        nlist = ivf_nlist(n)
+        ivf = ivf_prefix(n)
         if n * dim * 4 <= budget:
-            return Recipe("ivf", f"IVF{nlist},Flat")
+            return Recipe("ivf", f"{ivf},Flat")
         if n * dim <= budget:
-            return Recipe("ivf-sq8", f"IVF{nlist},SQ8")
+            return Recipe("ivf-sq8", f"{ivf},SQ8")
         m = max(4, dim // 16)
         while dim % m:
             m -= 1
-        return Recipe("ivf-opq-pq", f"OPQ{m},IVF{nlist},PQ{m}")
+        return Recipe("ivf-opq-pq", f"OPQ{m},{ivf},PQ{m}")
     try:  # a FAISS factory string given as is: check it parses now, not after embedding
         faiss.index_factory(max(dim, 8), spec, faiss.METRIC_INNER_PRODUCT)
     except Exception as exc:  # noqa: BLE001 - FAISS raises RuntimeError with a C++ message
@@ -234,7 +259,8 @@ def build_index(
         ivf = faiss.try_extract_index_ivf(index)
         # 40 points per list (FAISS warns below 39) and 10 k-means iterations: centroids good
         # enough for recall (nprobe is tuned afterwards anyway) at a fraction of the training cost.
-        default_train = 40 * ivf.nlist if ivf is not None else 100_000
+        per_list = TRAIN_PER_LIST_HNSW if "_HNSW" in recipe.factory else TRAIN_PER_LIST
+        default_train = per_list * ivf.nlist if ivf is not None else 100_000
         if ivf is not None:
             ivf.cp.niter = 10
         size = min(n - n_held, train_size or max(default_train, 10_000))
@@ -279,6 +305,37 @@ def build_index(
     recipe.latency_p99_ms = round(float(np.percentile(lat, 99)), 3)
     recipe.build_seconds = round(time.perf_counter() - t_start, 2)
     return index, recipe
+
+
+def build_recipe(
+    vectors: npt.NDArray[np.float32],
+    ids: npt.NDArray[np.int64],
+    spec: str = "auto",
+    *,
+    use_gpu: bool = True,
+    memory_budget: int | None = None,
+) -> tuple[faiss.Index, Recipe]:
+    """Build the index ``--index spec`` asks for. With ``auto``, an approximate index whose
+    tuning could not reach :data:`RECALL_TARGET` (data without structure for IVF, or a
+    quantised recipe) is replaced by exact search when the vectors fit in memory: ``auto``
+    promises recall, and exact search keeps that promise at a known cost. The recipe's
+    ``note`` says what happened, so ``info`` and the app can tell the user."""
+    n, dim = vectors.shape
+    recipe = choose_recipe(n, dim, spec, memory_budget=memory_budget)
+    index, recipe = build_index(vectors, ids, recipe, use_gpu=use_gpu)
+    missed = recipe.recall_at_10 is not None and recipe.recall_at_10 < RECALL_TARGET
+    if spec != "auto" or recipe.exact or not missed:
+        return index, recipe
+    budget = available_memory() // 2 if memory_budget is None else memory_budget
+    if n * dim * 4 > budget:
+        recipe.note = (f"recall@10 {recipe.recall_at_10:.3f} is below {RECALL_TARGET} at the largest "
+                       f"{'/'.join(recipe.params)} tried, and exact search would not fit in memory")
+        return index, recipe
+    first = f"{recipe.factory} {', '.join(f'{k}={v}' for k, v in recipe.params.items())}".strip()
+    exact_index, exact = build_index(vectors, ids, Recipe("flat", "Flat"), use_gpu=use_gpu)
+    exact.note = (f"exact search: {first} reached only recall@10 {recipe.recall_at_10:.3f} "
+                  f"(target {RECALL_TARGET}) on these vectors")
+    return exact_index, exact
 
 
 class _Rows:

@@ -114,6 +114,8 @@ def describe_recipe(recipe: dict[str, Any]) -> str:
             text += f" on {recipe['measured_queries']} held-out queries"
     if recipe.get("latency_p50_ms") is not None:
         text += f", p50 {recipe['latency_p50_ms']:.2f} ms / p99 {recipe['latency_p99_ms']:.2f} ms per query"
+    if recipe.get("note"):
+        text += f" ({recipe['note']})"
     return text
 
 
@@ -745,7 +747,10 @@ class _Writer:
             old_recipe = ann.Recipe.from_json(prev["index"]["recipe"])
             old_n = int(prev["counts"]["indexed"])
             # Same recipe and the collection has not more than doubled since the index was tuned.
-            if old_recipe.factory == recipe.factory and len(live) <= 2 * max(old_n, 1):
+            # (An exact index that ``auto`` fell back to stays exact: its IVF missed the recall.)
+            same = old_recipe.factory == recipe.factory or (
+                self.index_spec == "auto" and old_recipe.exact and bool(old_recipe.note))
+            if same and len(live) <= 2 * max(old_n, 1):
                 index = ann.load_index(self.directory / prev["index"]["file"])
                 indexed = prev_ids
                 gone = np.setdiff1d(indexed, live.ids)
@@ -756,7 +761,7 @@ class _Writer:
                         sel = rows[start:start + ann.ADD_CHUNK]
                         ann.add_vectors(index, live[sel], live.ids[sel])
                     return index, old_recipe
-        return ann.build_index(live, live.ids, recipe, use_gpu=self.device != "cpu")
+        return ann.build_recipe(live, live.ids, self.index_spec, use_gpu=self.device != "cpu")
 
     def _projection(self, prev: dict[str, Any] | None, full: bool, live: _LiveVectors) -> Projection:
         if not full and prev and prev.get("projection"):

@@ -26,8 +26,9 @@ def clustered(n: int, dim: int = 32, clusters: int = 50, seed: int = 0, noise: f
 def test_choose_recipe_by_size_and_memory():
     assert ann.choose_recipe(1000, 512).factory == "Flat"
     assert ann.choose_recipe(ann.FLAT_MAX, 512).factory == "Flat"
+    assert ann.choose_recipe(200_000, 512, memory_budget=16 << 30).factory == "IVF2048,Flat"
     big = ann.choose_recipe(1_000_000, 512, memory_budget=16 << 30)
-    assert big.factory == "IVF4096,Flat"
+    assert big.factory == "IVF16384_HNSW32,Flat"  # many small lists behind an HNSW quantizer
     assert ann.choose_recipe(1_000_000, 512, memory_budget=1 << 30).factory.endswith(",SQ8")
     assert "PQ" in ann.choose_recipe(1_000_000, 512, memory_budget=100 << 20).factory
     assert ann.choose_recipe(10, 64, "hnsw").factory == "HNSW32"
@@ -176,3 +177,28 @@ def test_unsupported_index_stays_on_cpu(monkeypatch):
     assert ann.Searcher(index).gpu is None and ann.to_gpu(index) is None
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
     assert ann.gpu_count() == 0
+
+
+def uniform_unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_auto_falls_back_to_exact_search_when_tuning_misses_the_recall(monkeypatch):
+    """A coarse 4-bit PQ cannot reach recall@10 0.95 on structureless vectors at any nprobe:
+    ``auto`` then answers exactly, and says why; an explicit recipe is kept as asked."""
+    x = uniform_unit(4000, 32)
+    ids = np.arange(10, 4010, dtype=np.int64)
+    monkeypatch.setattr(ann, "choose_recipe", lambda n, dim, spec="auto", memory_budget=None:
+                        ann.Recipe("ivf-pq", "IVF16,PQ4x4") if spec == "auto" else ann.Recipe("custom", spec))
+    index, recipe = ann.build_recipe(x, ids, "auto", use_gpu=False)
+    assert recipe.exact and recipe.recall_at_10 == 1.0
+    assert "IVF16,PQ4x4" in recipe.note and "recall@10 0." in recipe.note
+    _, found = index.search(x[:5], 1)
+    assert found[:, 0].tolist() == ids[:5].tolist()  # exact: every vector finds itself
+
+    index, recipe = ann.build_recipe(x, ids, "IVF16,PQ4x4", use_gpu=False)
+    assert not recipe.exact and recipe.recall_at_10 < ann.RECALL_TARGET and recipe.note == ""
+
+    _, recipe = ann.build_recipe(x, ids, "auto", use_gpu=False, memory_budget=1000)
+    assert not recipe.exact and "would not fit in memory" in recipe.note
