@@ -17,6 +17,8 @@ warm-up to the steps that fit.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -59,8 +61,6 @@ def _count_images(folder: Path) -> int:
 
 def _training_finished(run: Path) -> bool:
     """The run's metrics say its planned steps are done (read without torch: metrics.jsonl)."""
-    import json
-
     metrics = run / "metrics.jsonl"
     if not (run / "checkpoint.pt").is_file() or not metrics.is_file():
         return False
@@ -72,7 +72,7 @@ def _training_finished(run: Path) -> bool:
             continue  # a line torn by a crash
         if record.get("kind") == "plan":
             planned = int(record["total_steps"])
-        elif record.get("kind") in ("step", "epoch", "end"):
+        elif record.get("kind") in ("step", "epoch", "done"):  # "done": the budget run's closing record
             reached = max(reached, int(record.get("step", 0)))
     return planned is not None and reached >= planned
 
@@ -124,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--train-seconds must be at least 10")
     paths = DemoPaths(args.workdir)
     started = time.monotonic()
-    import subprocess
-
     for stage in demo_stages(paths, args.train_seconds):
         if stage.skip is not None and stage.skip():
             print(f"== {stage.label}: already done", flush=True)

@@ -74,7 +74,7 @@ def subsample(total: int, limit: int, keep: npt.ArrayLike = (), seed: int = 0) -
 
 
 def has_label(label: object) -> bool:
-    """A real folder label (pandas turns the ``None`` of unlabelled items into NaN)."""
+    """A real folder label: not None (files directly in the root), NaN or empty (arrays from elsewhere)."""
     return isinstance(label, str) and label != ""
 
 

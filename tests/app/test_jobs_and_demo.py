@@ -77,7 +77,7 @@ def test_demo_stages_skip_what_exists_and_resume_training(tmp_path: Path) -> Non
     stages = demo.demo_stages(paths, train_seconds=60)
     assert "--resume" in stages[1].argv and not stages[1].skip()
     with (paths.run / "metrics.jsonl").open("a") as metrics:
-        metrics.write('{"kind": "epoch", "step": 30, "epoch": 3}\n{"kind": "ste')  # a torn last line
+        metrics.write('{"kind": "done", "step": 30, "epoch": 2}\n{"kind": "ste')  # a torn last line
     assert demo.demo_stages(paths, train_seconds=60)[1].skip()
 
 
