@@ -46,10 +46,13 @@ HYPER_PARAMETERS = (
     ("weight_decay", "weight decay"),
     ("lr_schedule", "cosine or step"),
     ("warmup_epochs", "linear warm-up length in epochs"),
-    ("head", "projection head: linear (v1), mlp (v2) or v3 (projector + predictor)"),
+    ("head", "projection head: linear (v1), mlp (v2), mlp_bn (v2 with batch norm) or v3 (projector + predictor)"),
     ("dim", "output dimension of the head"),
     ("mlp_dim", "hidden width of the head (default: backbone width for v2, 4096 for v3)"),
     ("queue_size", "number of negative keys K (capped below the number of images)"),
+    ("queue_start", "random (the paper: the queue starts as K random vectors) or empty (only keys already "
+                    "enqueued are negatives)"),
+    ("batch_negatives", "use the other keys of the batch as negatives too"),
     ("moco_m", "key encoder momentum m"),
     ("moco_m_cos", "raise the momentum toward 1 on a cosine schedule"),
     ("temperature", "InfoNCE temperature T"),
@@ -58,6 +61,7 @@ HYPER_PARAMETERS = (
     ("stop_grad_conv1", "freeze the ViT patch projection (MoCo v3 trick)"),
     ("augment", "augmentation recipe: v1, v2 or v3"),
     ("crop_min_scale", "smallest random-resized-crop area"),
+    ("blur_relative", "scale the Gaussian blur's sigma (0.1-2 px, chosen for 224 px) with the training size"),
     ("augment_on", "device (batched tensor ops on the training device, the default) or workers (per image "
                    "in loader workers, torchvision's pipeline)"),
     ("cache", "decode each image once into a memory-mapped cache reused across epochs and runs"),
@@ -174,7 +178,7 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
     from moco import distributed
     from moco.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
     from moco.data import DataError, open_folder
-    from moco.defaults import fit_to_plan
+    from moco.defaults import fit_recipe, fit_to_plan
     from moco.train import Trainer, TrainingDiverged, TrainingStopped, pick_device
 
     world = distributed.world_from_env()
@@ -252,6 +256,7 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
     if state is None:
         try:
             config.notes = fit_to_data(config, len(folder.refs), batch_size_given=args.batch_size is not None)
+            config.notes += fit_recipe(config, explicit)
             validate(config)
         except ConfigError as err:
             raise UsageError(str(err)) from None

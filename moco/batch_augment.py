@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from moco.augment import BLUR_KERNEL, BLUR_SIGMA
+from moco.augment import BLUR_KERNEL, blur_kernel, blur_sigma
 
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # the luma weights of torchvision's rgb_to_grayscale
 
@@ -145,8 +145,11 @@ def solarize(images: torch.Tensor, apply: torch.Tensor, threshold: float = 128 /
 class BatchView:
     """One view's recipe (v1, v2 or v3), applied to a whole batch with per-sample draws."""
 
-    def __init__(self, recipe: str, image_size: int, crop_min_scale: float, *, view: int) -> None:
+    def __init__(self, recipe: str, image_size: int, crop_min_scale: float, *, view: int,
+                 blur_relative: bool = False) -> None:
         self.size = image_size
+        self.sigma = blur_sigma(image_size, blur_relative)
+        self.kernel = blur_kernel(self.sigma)
         self.scale = (crop_min_scale, 1.0)
         if recipe == "v1":
             self.jitter, self.jitter_p, self.blur_p, self.solarize_p = (0.4, 0.4, 0.4, 0.4), 1.0, 0.0, 0.0
@@ -175,8 +178,8 @@ class BatchView:
             x = self._grey(x, draw(n) < 0.2)
         if self.blur_p > 0:
             use = draw(n) < self.blur_p
-            sigma = BLUR_SIGMA[0] + draw(n) * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
-            x = torch.where(use.view(-1, 1, 1, 1), gaussian_blur(x, sigma), x)
+            sigma = self.sigma[0] + draw(n) * (self.sigma[1] - self.sigma[0])
+            x = torch.where(use.view(-1, 1, 1, 1), gaussian_blur(x, sigma, self.kernel), x)
         if self.solarize_p > 0:
             x = solarize(x, draw(n) < self.solarize_p)
         flip = draw(n) < 0.5
@@ -222,9 +225,9 @@ class BatchView:
 class BatchTwoViews:
     """Two views of a padded uint8 batch, as float [N, 3, S, S] in [0, 1] on its device."""
 
-    def __init__(self, recipe: str, image_size: int, crop_min_scale: float) -> None:
-        self.first = BatchView(recipe, image_size, crop_min_scale, view=1)
-        self.second = BatchView(recipe, image_size, crop_min_scale, view=2)
+    def __init__(self, recipe: str, image_size: int, crop_min_scale: float, *, blur_relative: bool = False) -> None:
+        self.first = BatchView(recipe, image_size, crop_min_scale, view=1, blur_relative=blur_relative)
+        self.second = BatchView(recipe, image_size, crop_min_scale, view=2, blur_relative=blur_relative)
 
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:

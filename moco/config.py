@@ -46,10 +46,12 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | step (v1: x0.1 at 60% and 80% of training)
     warmup_epochs: float = 0.0
     # MoCo.
-    head: str = "mlp"  # linear (v1) | mlp (v2) | v3 (projector + predictor with BN)
+    head: str = "mlp"  # linear (v1) | mlp (v2) | mlp_bn (v2 with batch norm) | v3 (projector + predictor with BN)
     dim: int = 128
     mlp_dim: int | None = None  # hidden width; None = backbone width (v2)
     queue_size: int = 65536
+    queue_start: str = "random"  # random: K random unit vectors (the paper) | empty: only real keys count
+    batch_negatives: bool = False  # the other keys of the batch are negatives too, besides the queue
     moco_m: float = 0.999
     moco_m_cos: bool = False  # cosine schedule of the key momentum toward 1
     temperature: float = 0.2
@@ -59,6 +61,7 @@ class TrainConfig:
     # Augmentation.
     augment: str = "v2"  # v1 | v2 | v3 (BYOL-style, asymmetric blur and solarize)
     crop_min_scale: float = 0.2
+    blur_relative: bool = False  # scale the blur's sigma with the training size (the paper's is for 224 px)
     augment_on: str = "device"  # device: batched tensor ops on the training device | workers: per image
     # Data and records.
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -154,8 +157,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"vit_small needs --image-size divisible by 16, got {config.image_size}")
     if config.stem not in ("auto", "imagenet", "small"):
         raise ConfigError(f"--stem must be auto, imagenet or small, got {config.stem!r}")
-    if config.head not in ("linear", "mlp", "v3"):
-        raise ConfigError(f"--head must be linear, mlp or v3, got {config.head!r}")
+    if config.head not in ("linear", "mlp", "mlp_bn", "v3"):
+        raise ConfigError(f"--head must be linear, mlp, mlp_bn or v3, got {config.head!r}")
     if config.optimizer not in ("sgd", "lars", "adamw"):
         raise ConfigError(f"--optimizer must be sgd, lars or adamw, got {config.optimizer!r}")
     if config.lr_schedule not in ("cosine", "step"):
@@ -178,6 +181,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--bn-splits must be at least 1, got {config.bn_splits}")
     if config.head == "v3" and config.queue_size:
         raise ConfigError("the v3 head uses in-batch negatives: set --queue-size 0")
+    if config.queue_start not in ("random", "empty"):
+        raise ConfigError(f"--queue-start must be random or empty, got {config.queue_start!r}")
     if config.augment_on not in ("device", "workers"):
         raise ConfigError(f"--augment-on must be device or workers, got {config.augment_on!r}")
     if not 0.0 < config.crop_min_scale <= 1.0:

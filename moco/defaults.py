@@ -112,3 +112,45 @@ def fit_to_plan(config: TrainConfig, explicit: Collection[str], *, num_images: i
     if "warmup_epochs" not in explicit:
         notes += _warmup(config, planned_steps, max(1, steps_per_epoch))
     return notes
+
+
+SHORT_RUN_BASE_LR = 0.6
+"""Learning rate per 256 images with the batch-normed head: 0.03 (the paper's) moves a fresh
+network too little in a few hundred steps to leave the random level; measured on CIFAR-10."""
+
+
+def fit_recipe(config: TrainConfig, explicit: Collection[str]) -> list[str]:
+    """The v2 recipe changes that make short runs learn, applied before the model is built (they
+    do not depend on the plan); one note per change, values in `explicit` kept as given.
+
+    Measured on CIFAR-10 at 32 px (BENCHMARKS.md): with the paper's recipe a few hundred steps
+    leave the backbone at the random level while the loss climbs back to chance. A v2 head maps
+    every image into one narrow cone (pairwise cosine ~0.9 at initialisation), so positives and
+    negatives barely differ; batch norm in the head centres its outputs; the batch's own keys
+    are negatives from the first step instead of a queue of random vectors; the paper's blur,
+    meant for 224 px, wipes out a small image's detail.
+    """
+    if config.paper_defaults or config.preset != "v2":
+        return []
+    notes: list[str] = []
+    if "head" not in explicit and config.head == "mlp":
+        config.head = "mlp_bn"
+        notes.append("head mlp -> mlp_bn: batch norm centres the head's outputs, so positives stand out "
+                     "from negatives from the first step")
+    if config.queue_size:
+        if "batch_negatives" not in explicit and not config.batch_negatives:
+            config.batch_negatives = True
+            notes.append("batch_negatives on: the other keys of the batch are negatives too")
+        if "queue_start" not in explicit and config.queue_start == "random":
+            config.queue_start = "empty"
+            notes.append("queue_start random -> empty: only real keys are negatives, never the queue's "
+                         "initial random vectors")
+    if "blur_relative" not in explicit and not config.blur_relative and config.image_size < 224:
+        config.blur_relative = True
+        notes.append(f"blur_relative on: the blur's sigma scaled to {config.image_size} px (the paper's "
+                     "0.1-2 px is for 224 px)")
+    if not {"lr", "base_lr"} & set(explicit) and config.base_lr < SHORT_RUN_BASE_LR:
+        notes.append(f"base_lr {config.base_lr:g} -> {SHORT_RUN_BASE_LR:g}: with the batch-normed head a "
+                     "higher rate leaves the random level within a few hundred steps")
+        config.base_lr = SHORT_RUN_BASE_LR
+    return notes

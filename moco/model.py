@@ -107,6 +107,10 @@ def build_heads(config: TrainConfig) -> tuple[nn.Module, nn.Module | None]:
         return nn.Linear(width, config.dim), None
     if config.head == "mlp":
         return mlp(2, width, hidden, config.dim, batchnorm=False, last_bn=False), None
+    if config.head == "mlp_bn":
+        # v2's head with v3's batch norms: centred outputs make the contrastive task well
+        # conditioned from the first step (a fresh v2 head maps every image into one narrow cone).
+        return mlp(2, width, hidden, config.dim, batchnorm=True, last_bn=True), None
     projector_layers = 3 if config.arch == "vit_small" else 2
     projector = mlp(projector_layers, width, hidden, config.dim, batchnorm=True, last_bn=True)
     predictor = mlp(2, config.dim, hidden, config.dim, batchnorm=True, last_bn=False)
@@ -131,6 +135,8 @@ class MoCo(nn.Module):
         self.temperature = config.temperature
         self.symmetric = config.symmetric or config.head == "v3"
         self.in_batch_negatives = config.queue_size == 0
+        self.batch_negatives = config.batch_negatives
+        self.queue_starts_empty = config.queue_start == "empty"
         backbone = build_backbone(config.arch, stem=resolve_stem(config), image_size=config.image_size)
         if config.stop_grad_conv1:
             freeze_patch_projection(backbone)
@@ -145,6 +151,9 @@ class MoCo(nn.Module):
         # The queue stores keys as columns, as in the paper's pseudo-code: logits = q @ queue.
         self.register_buffer("queue", F.normalize(torch.randn(config.dim, config.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # How many queue slots hold real keys (with queue_start "empty" only those are negatives;
+        # they are always the first slots, as the pointer starts at 0).
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
@@ -165,6 +174,7 @@ class MoCo(nn.Module):
         idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[:, idx] = keys.T.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+        self.queue_filled.copy_(torch.clamp(self.queue_filled + keys.shape[0], max=size))
 
     @torch.no_grad()
     def shrink_queue(self, size: int) -> None:
@@ -173,9 +183,14 @@ class MoCo(nn.Module):
         old = self.queue.shape[1]
         if size >= old or size <= 0:
             return
+        if self.queue_filled < size:  # the real keys are the first slots: keep them there
+            self.queue = self.queue[:, :size].clone()
+            self.queue_ptr.copy_(self.queue_filled % size)
+            return
         newest = (self.queue_ptr + torch.arange(old - size, old, device=self.queue.device)) % old
         self.queue = self.queue[:, newest].clone()
         self.queue_ptr.zero_()
+        self.queue_filled.fill_(size)
 
     @torch.no_grad()
     def keys(self, images: torch.Tensor) -> torch.Tensor:
@@ -205,15 +220,25 @@ class MoCo(nn.Module):
         return F.normalize(q.float(), dim=1)
 
     def info_nce(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the positive among 1 + K logits (or the batch's keys in v3)."""
+        """Cross-entropy of the positive among 1 + K logits; with batch negatives among the batch's
+        keys and the queue's (the positive is the key of the same image); v3: the batch's keys only."""
         if self.in_batch_negatives:
             rank, _ = distributed.rank_and_size()
             logits = q @ distributed.gather(k).T / self.temperature  # negatives from every rank
             labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
             # v3 scales by 2T so the gradient size does not depend on the temperature.
             return F.cross_entropy(logits, labels) * (2 * self.temperature)
-        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
         l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
+        if self.queue_starts_empty:
+            unfilled = torch.arange(l_neg.shape[1], device=q.device) >= self.queue_filled
+            l_neg = l_neg.masked_fill(unfilled, float("-inf"))
+        if self.batch_negatives:
+            rank, _ = distributed.rank_and_size()
+            l_batch = q @ distributed.gather(k).T
+            labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+            logits = torch.cat([l_batch, l_neg], dim=1) / self.temperature
+            return F.cross_entropy(logits, labels)
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
         logits = torch.cat([l_pos, l_neg], dim=1) / self.temperature
         labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return F.cross_entropy(logits, labels)

@@ -249,11 +249,13 @@ class Trainer:
         if config.augment_on == "device":
             # Pixels to the device, augmented there in a few batched ops. Reading the cache is a
             # memory copy, so worker processes would only take cores from the model.
-            self.batch_views = BatchTwoViews(config.augment, config.image_size, config.crop_min_scale)
+            self.batch_views = BatchTwoViews(config.augment, config.image_size, config.crop_min_scale,
+                                             blur_relative=config.blur_relative)
             dataset = RawImages(folder.refs, config.image_size, self.cache)
             workers, collate = (0 if self.cache is not None else config.workers), collate_padded
         else:
-            transform = TwoViews(config.augment, config.image_size, config.crop_min_scale)
+            transform = TwoViews(config.augment, config.image_size, config.crop_min_scale,
+                                 blur_relative=config.blur_relative)
             dataset = TrainImages(folder.refs, transform, config.image_size, self.cache)
             workers, collate = config.workers, collate_skipping_failures
         self.loader = make_loader(dataset, workers=workers, batch_sampler=self.sampler, collate=collate,
@@ -288,7 +290,10 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        weights = dict(state["model"])
+        # Checkpoints from before the queue counted its real keys: theirs is full (random start).
+        weights.setdefault("queue_filled", torch.tensor(self.model.queue.shape[1]))
+        self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         p = state["progress"]
         self.progress = Progress(epoch=p["epoch"], batch_in_epoch=p["batch_in_epoch"], step=p["step"],

@@ -61,3 +61,13 @@ def test_normalize_on_device_scales_and_uses_channels_last():
     out = normalize_on_device(batch, mean, std, channels_last=True)
     torch.testing.assert_close(out, torch.full((2, 3, 4, 4), 2.0))
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_relative_blur_scales_the_papers_sigma_with_the_image_size():
+    from moco.augment import BLUR_SIGMA, blur_kernel, blur_sigma
+
+    assert blur_sigma(32, relative=False) == BLUR_SIGMA
+    assert blur_sigma(224, relative=True) == BLUR_SIGMA
+    low, high = blur_sigma(32, relative=True)
+    assert low == pytest.approx(0.1 * 32 / 224) and high == pytest.approx(2.0 * 32 / 224)
+    assert blur_kernel((low, high)) == 3 and blur_kernel(BLUR_SIGMA) == 13

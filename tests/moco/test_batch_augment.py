@@ -110,3 +110,11 @@ def test_padding_does_not_leak_into_crops():
     assert (boxes[1::2, 2] <= 30).all() and (boxes[1::2, 3] <= 20).all()
     out = B.crop_resize(padded.float() / 255, boxes, 8)
     assert float(out[1::2].min()) > 0.999  # no dark padding blended in at the crop edges
+
+
+def test_a_relative_blur_reaches_the_batched_views():
+    from moco.augment import blur_sigma
+
+    views = B.BatchTwoViews("v2", 32, 0.2, blur_relative=True)
+    assert views.first.sigma == blur_sigma(32, relative=True) and views.first.kernel == 3
+    assert B.BatchTwoViews("v2", 32, 0.2).second.sigma == (0.1, 2.0)

@@ -29,7 +29,7 @@ from moco.budget import (
 )
 from moco.checkpoint import load_checkpoint
 from moco.config import TrainConfig, build_config
-from moco.defaults import fit_to_plan
+from moco.defaults import SHORT_RUN_BASE_LR, fit_recipe, fit_to_plan
 from moco.evaluate import subset
 from moco.model import MoCo
 from moco.plot import write_monitor_plot
@@ -209,10 +209,36 @@ def test_paper_defaults_keep_the_published_values():
     assert config.effective_lr == pytest.approx(0.03 * 128 / 256) and config.warmup_epochs == 0
 
 
+def test_the_short_run_recipe_changes_v2_and_says_why():
+    config = build_config({"image_size": 32})
+    notes = fit_recipe(config, set())
+    assert (config.head, config.batch_negatives, config.queue_start, config.blur_relative) == \
+        ("mlp_bn", True, "empty", True)
+    assert config.base_lr == SHORT_RUN_BASE_LR and len(notes) == 5
+    assert any("0.03 -> 0.6" in note for note in notes)
+
+
+def test_the_short_run_recipe_keeps_what_the_user_set():
+    config = build_config({"image_size": 32, "head": "mlp", "lr": 0.1, "queue_start": "random"})
+    fit_recipe(config, {"head", "lr", "queue_start"})
+    assert (config.head, config.queue_start, config.base_lr, config.effective_lr) == ("mlp", "random", 0.03, 0.1)
+    assert config.batch_negatives and config.blur_relative
+
+
+def test_paper_defaults_and_other_presets_keep_their_recipe():
+    paper = build_config({"paper_defaults": True, "image_size": 32})
+    v3 = build_config({"preset": "v3", "image_size": 32})
+    assert fit_recipe(paper, set()) == [] and fit_recipe(v3, set()) == []
+    assert (paper.head, paper.batch_negatives, paper.queue_start, paper.blur_relative) == \
+        ("mlp", False, "random", False)
+
+
 def test_a_shrunk_queue_keeps_the_newest_keys():
-    fake = SimpleNamespace(queue=torch.arange(10.0).repeat(2, 1), queue_ptr=torch.tensor(3))
+    fake = SimpleNamespace(queue=torch.arange(10.0).repeat(2, 1), queue_ptr=torch.tensor(3),
+                           queue_filled=torch.tensor(10))
     MoCo.shrink_queue(fake, 4)  # slots 3.. are oldest; newest are 9, 0, 1, 2 in order of arrival
     assert fake.queue[0].tolist() == [9.0, 0.0, 1.0, 2.0] and int(fake.queue_ptr) == 0
+    assert int(fake.queue_filled) == 4
 
 
 # -- the kNN monitor and its plot --------------------------------------------------------------------------

@@ -173,3 +173,37 @@ def test_v3_with_a_vit_backbone_uses_the_published_vit_recipe():
     loss = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), 0.99)
     loss.backward()
     assert torch.isfinite(loss) and model.encoder_q.backbone.encoder.layers[0].mlp[0].weight.grad is not None
+
+
+def test_an_empty_start_queue_counts_only_real_keys():
+    model = tiny_moco(queue_size=6, queue_start="empty", temperature=1.0)
+    q = F.normalize(torch.randn(2, 8), dim=1)
+    k = F.normalize(torch.randn(2, 8), dim=1)
+    # Nothing enqueued yet: the loss is that of the positive alone, whatever the queue holds.
+    assert model.info_nce(q, k).item() == pytest.approx(0.0, abs=1e-6)
+    keys = F.normalize(torch.randn(4, 8), dim=1)
+    model.enqueue(keys)
+    assert int(model.queue_filled) == 4
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ keys.T], dim=1)
+    expected = F.cross_entropy(logits, torch.zeros(2, dtype=torch.long))
+    assert model.info_nce(q, k).item() == pytest.approx(expected.item(), rel=1e-5)
+    model.enqueue(keys)  # wraps around: all six slots now hold real keys
+    assert int(model.queue_filled) == 6
+
+
+def test_batch_negatives_add_the_other_keys_of_the_batch():
+    model = tiny_moco(queue_size=3, batch_negatives=True, temperature=0.5)
+    q = F.normalize(torch.randn(4, 8), dim=1)
+    k = F.normalize(torch.randn(4, 8), dim=1)
+    logits = torch.cat([q @ k.T, q @ model.queue], dim=1) / 0.5
+    expected = F.cross_entropy(logits, torch.arange(4))
+    assert model.info_nce(q, k).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_shrinking_a_partly_filled_queue_keeps_its_real_keys_first():
+    model = tiny_moco(queue_size=10, queue_start="empty")
+    keys = F.normalize(torch.randn(3, 8), dim=1)
+    model.enqueue(keys)
+    model.shrink_queue(6)
+    assert model.queue.shape[1] == 6 and int(model.queue_filled) == 3 and int(model.queue_ptr) == 3
+    assert torch.equal(model.queue[:, :3], keys.T)
