@@ -33,7 +33,7 @@ def main() -> int:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4), dpi=100, layout="constrained")
+    figure = Figure(figsize=(7, 4.8), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     for spec in args.runs:
@@ -52,7 +52,7 @@ def main() -> int:
     ax.set_ylabel("kNN top-1 (monitor subset)")
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")  # below: never over a curve
     ax.set_title(args.title, fontsize=10)
     figure.savefig(args.out, format="png")
     print(f"wrote {args.out}")

@@ -48,6 +48,8 @@ def main() -> int:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
     steady = [r["img_per_s"] for r in epochs[1:]] or [epochs[0]["img_per_s"]]
+    # A budget run ends mid-epoch: its closing record, not the last epoch's, has the totals.
+    end = next((r for r in reversed(records) if r["kind"] == "done"), epochs[-1])
     evals = {}
     for name, flag in (("trained", []), ("random_init", ["--random-init"])):
         output = run([sys.executable, "-m", "moco", "eval", str(out), "--train", args.train_dir, "--val",
@@ -55,12 +57,12 @@ def main() -> int:
         evals[name] = json.loads(output.strip().splitlines()[-1])
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-        "train_args": extra, "epochs": len(epochs), "steps": epochs[-1]["step"],
-        "wall_seconds": round(wall, 1), "train_seconds": round(epochs[-1]["time"], 1),
+        "train_args": extra, "epochs": end.get("epochs", len(epochs)), "steps": end["step"],
+        "wall_seconds": round(wall, 1), "train_seconds": round(end["time"], 1),
         "img_per_s_steady": round(sum(steady) / len(steady), 1),
         "final_loss": round(epochs[-1]["loss"], 4), **{k: v for k, v in evals.items()},
     }
-    print(f"\nwall time {wall / 60:.1f} min (training loop {epochs[-1]['time'] / 60:.1f} min), {len(epochs)} epochs, "
+    print(f"\nwall time {wall / 60:.1f} min (training loop {end['time'] / 60:.1f} min), {summary['epochs']} epochs, "
           f"{summary['steps']} steps, {summary['img_per_s_steady']} img/s after the first epoch")
     print(f"{'':<14}{'kNN':>8}{'linear':>8}{'1%':>8}{'10%':>8}{'10% std':>9}")
     for name, result in evals.items():

@@ -4,8 +4,10 @@ The run measures its own speed over a few steps, then plans a number of steps th
 budget, counting from process start to the final checkpoint: start-up, the measurement, the kNN
 monitor's evaluations and the checkpoint writes included. The plan is in steps (epochs may end
 in the middle); the learning-rate and key-momentum schedules are defined over the planned steps,
-so they complete when the budget ends. If the machine slows down, the loop notices at its log
-steps and shortens the rest of the plan, compressing the schedules so they still complete.
+so they complete when the budget ends. The loop re-measures its pace at its log steps: if the
+machine slows down it shortens the rest of the plan, compressing the schedules so they still
+complete; if the first steps, which the plan was timed on, were slower than the steady state (a
+warming cache, a busy disk), it lengthens the plan while most of the schedule is still ahead.
 
 Everything here is arithmetic (parsing, planning, the step -> schedule mapping); the loop that
 measures and acts on it is in `moco.train`. The numbers below are policy, to be tuned by
@@ -45,6 +47,9 @@ RECHECK_TOLERANCE_MIN_S = 2.0  # ... (at least 2 s, so timing noise in tiny runs
 RECHECK_TOLERANCE_MAX_S = 15.0  # ... and at most 15 s, so a long run never ends much past its budget
 RECHECK_WINDOW_FRACTION = 0.05  # the pace is measured over the last 5% of the budget ...
 RECHECK_WINDOW_MIN_S = 10.0  # ... or the last 10 s, whichever is longer
+EXTEND_UNTIL_FRACTION = 0.5  # lengthen a plan that would end early (by more than the margin and the
+# tolerance) only in the first half of its schedule: later the LR is already decaying, and the
+# momentum and queue were fitted to the planned length
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
@@ -146,10 +151,11 @@ class Plan:
     `--epochs` runs: total_steps = epochs x steps_per_epoch and the schedules span all of them.
     `--time-budget` runs: total_steps is None until the speed is measured; then the schedules
     span the steps from `schedule_start` (the first step after the measurement) to
-    `total_steps`. When the safety net shortens the plan, a knot (step, schedule position) is
-    added: the schedules keep their value at that step and are compressed over what remains,
-    so the LR still decays to zero at the new last step. All of it is a pure function of the
-    step, stored in the checkpoint, so a resumed run lands on exactly the same values.
+    `total_steps`. When the safety net shortens or lengthens the plan, a knot (step, schedule
+    position) is added: the schedules keep their value at that step and are compressed (or
+    stretched) over what remains, so the LR still decays to zero at the new last step. All of it
+    is a pure function of the step, stored in the checkpoint, so a resumed run lands on exactly
+    the same values.
     """
 
     mode: str  # "epochs" | "budget"
@@ -157,7 +163,7 @@ class Plan:
     total_steps: int | None
     schedule_start: int = 0
     schedule_steps: int = 0  # the length the schedules were first planned over
-    knots: list[list[float]] = field(default_factory=list)  # [step, schedule position] per shortening
+    knots: list[list[float]] = field(default_factory=list)  # [step, schedule position] per re-plan
     budget_s: float | None = None
     monitor_evals: int = 0  # budget runs: kNN evaluations spread over the schedule (the last at the end)
     measured: dict[str, Any] = field(default_factory=dict)  # img/s, seconds per step, eval and checkpoint costs
@@ -213,8 +219,9 @@ class Plan:
                 return v0 + (step - s0) * (v1 - v0) / max(1e-9, s1 - s0)
         return float(self.schedule_steps)
 
-    def shorten(self, step: int, new_total: int) -> None:
-        """End at `new_total` instead; the schedules keep their value at `step` and complete there."""
+    def replan(self, step: int, new_total: int) -> None:
+        """End at `new_total` instead (sooner or later); the schedules keep their value at `step`
+        and complete there."""
         position = self.schedule_step(step)
         self.knots.append([step, position])
         self.total_steps = max(step, new_total)

@@ -34,6 +34,7 @@ from moco.augment import TwoViews, normalize_on_device
 from moco.backbones import WIDTHS
 from moco.batch_augment import BatchTwoViews
 from moco.budget import (
+    EXTEND_UNTIL_FRACTION,
     FINISH_S,
     MEASURE_GIVE_UP_FRACTION,
     MEASURE_MIN_STEPS,
@@ -242,6 +243,7 @@ class Trainer:
         self._overhead = 0.0  # seconds spent on evaluations and checkpoints, left out of the pace
         self._stamps: list[tuple[int, float]] = []  # (step, busy seconds) while timing steps
         self._pace: deque[tuple[int, float]] = deque()  # (step, busy seconds) at the safety net's checks
+        self._planned_pace: tuple[int, float] = (0, 0.0)  # (step, busy seconds) where the timing began
         self._checkpoint_s: float | None = None  # the last checkpoint's write time
         self._plot_failed = False
         self.cache = self._open_cache() if config.cache else None
@@ -673,11 +675,19 @@ class Trainer:
         if steps:
             self._checkpoint()  # a crash from here on resumes with the plan (else _finish writes the last)
         timed = self._timed_steps
-        self._pace = deque([(p.step - timed, time.monotonic() - self._overhead - timed * step_s)])
+        self._planned_pace = (p.step - timed, time.monotonic() - self._overhead - timed * step_s)
+        self._pace = deque([self._planned_pace])
 
     def _recheck(self) -> None:
-        """The safety net: if the run would end more than a little past its budget (the machine
-        got slower), shorten the plan to fit, with the schedules compressed to complete."""
+        """The safety net: re-measure the pace and re-plan if the run would end past its budget or
+        well before it; the schedules are compressed or stretched to complete at the new end.
+
+        Shortening follows the pace of the last few minutes (the machine got slower). Lengthening
+        is for a plan timed on first steps that were slower than the steady state (a warming
+        cache, a busy disk): it needs both that pace and the pace since timing began to be ahead,
+        plans with the slower of the two, and happens only while most of the schedule is ahead,
+        so a noisy fast minute does not stretch a plan that the next slow one shortens again.
+        """
         plan, p, config = self.plan, self.progress, self.config
         budget = plan.budget_s
         now = time.monotonic()
@@ -687,36 +697,55 @@ class Trainer:
         while len(self._pace) > 2 and busy - self._pace[1][1] >= window:
             self._pace.popleft()
         first_step, first_busy = self._pace[0]
+        recent_s = (busy - first_busy) / max(1, p.step - first_step)
         new_total = plan.total_steps
         if p.step > first_step and plan.total_steps > p.step:
-            step_s = (busy - first_busy) / (p.step - first_step)
-            eval_s = plan.measured.get("eval_s", 0.0) if self.monitor is not None else 0.0
-            evals = plan.evals_left(p.step) if self.monitor is not None else 0
-            checkpoint_s = self._checkpoint_s or plan.measured.get("checkpoint_s", 0.0)
-            every_s = config.checkpoint_every * 60
-            train_s = (plan.total_steps - p.step) * step_s
-            projected = (now + train_s + evals * eval_s + FINISH_S
-                         + checkpoint_s * (1 + periodic_checkpoints(train_s, every_s)))
-            late = projected - self.deadline
-            if late > recheck_tolerance(budget):
-                steps = plan_steps(self.deadline - now, step_s=step_s, eval_s=eval_s, evals=evals,
-                                   checkpoint_s=checkpoint_s, checkpoints=1, checkpoint_every_s=every_s,
-                                   margin_s=margin_seconds(budget))
-                new_total = min(plan.total_steps, p.step + steps)
+            since_timing_s = (busy - self._planned_pace[1]) / max(1, p.step - self._planned_pace[0])
+            tolerance = recheck_tolerance(budget)
+            if self._projected_late(now, recent_s) > tolerance:
+                new_total = min(plan.total_steps, p.step + self._steps_that_fit(now, recent_s))
+            elif plan.schedule_step(p.step) <= EXTEND_UNTIL_FRACTION * plan.schedule_steps:
+                step_s = max(recent_s, since_timing_s)
+                if -self._projected_late(now, step_s) > margin_seconds(budget) + tolerance:
+                    new_total = max(plan.total_steps, p.step + self._steps_that_fit(now, step_s))
+        # Every rank takes part (the same number of times), and all follow the most cautious.
         new_total = int(distributed.reduce_over_ranks(new_total, "min", device=self.device))
-        if new_total >= plan.total_steps:
+        if new_total == plan.total_steps:
             return
         was = plan.total_steps
-        plan.shorten(p.step, new_total)
-        rate = config.batch_size * (p.step - first_step) / max(1e-9, busy - first_busy)
+        plan.replan(p.step, new_total)
+        rate = config.batch_size / max(1e-9, recent_s)
         event = {"step": p.step, "was": was, "total_steps": new_total, "img_per_s": round(rate, 2),
                  "at_s": round(now - self.started, 1)}
         plan.replans.append(event)
         config.epochs = max(1, plan.epochs)
         if self.world.is_main:
-            tqdm.write(f"behind the plan: {rate:.1f} img/s now against {plan.measured['img_per_s']:.1f} timed; "
-                       f"shortened from {was} to {new_total} steps to end within the "
+            change, verb = ("behind", "shortened") if new_total < was else ("ahead of", "lengthened")
+            tqdm.write(f"{change} the plan: {rate:.1f} img/s now against {plan.measured['img_per_s']:.1f} timed; "
+                       f"{verb} from {was} to {new_total} steps to end within the "
                        f"{format_duration(budget)} budget (LR and momentum schedules now complete at step "
                        f"{new_total})")
-            self.metrics.write({"kind": "plan", "event": "shortened", "epoch": p.epoch, **event,
+            self.metrics.write({"kind": "plan", "event": verb, "epoch": p.epoch, **event,
                                 "time": self._now()})
+
+    def _remaining_costs(self) -> tuple[float, int, float, float]:
+        """(seconds per kNN evaluation, evaluations left, seconds per checkpoint, checkpoint
+        interval in seconds): what the rest of the run costs besides its steps."""
+        plan = self.plan
+        eval_s = plan.measured.get("eval_s", 0.0) if self.monitor is not None else 0.0
+        evals = plan.evals_left(self.progress.step) if self.monitor is not None else 0
+        checkpoint_s = self._checkpoint_s or plan.measured.get("checkpoint_s", 0.0)
+        return eval_s, evals, checkpoint_s, self.config.checkpoint_every * 60
+
+    def _projected_late(self, now: float, step_s: float) -> float:
+        """Seconds past the deadline the plan would end at `step_s` per step (negative: early)."""
+        eval_s, evals, checkpoint_s, every_s = self._remaining_costs()
+        train_s = (self.plan.total_steps - self.progress.step) * step_s
+        projected = (now + train_s + evals * eval_s + FINISH_S
+                     + checkpoint_s * (1 + periodic_checkpoints(train_s, every_s)))
+        return projected - self.deadline
+
+    def _steps_that_fit(self, now: float, step_s: float) -> int:
+        eval_s, evals, checkpoint_s, every_s = self._remaining_costs()
+        return plan_steps(self.deadline - now, step_s=step_s, eval_s=eval_s, evals=evals, checkpoint_s=checkpoint_s,
+                          checkpoints=1, checkpoint_every_s=every_s, margin_s=margin_seconds(self.plan.budget_s))

@@ -130,7 +130,7 @@ def test_budget_schedules_complete_at_the_planned_last_step():
 
     # shortened at step 200: the schedules keep their value there and complete at the new end
     before = trainer._lr(200)
-    plan.shorten(200, 300)
+    plan.replan(200, 300)
     assert trainer._lr(200) == pytest.approx(before)
     assert trainer._lr(299) < 0.02 * base and trainer._lr(300) == 0.0
     lrs = [trainer._lr(s) for s in range(14, 301)]
@@ -153,7 +153,8 @@ def test_the_safety_net_shortens_a_run_that_fell_behind(monkeypatch, capsys):
     trainer = stand_in(plan, config, step=100)
     trainer.started, trainer.deadline, trainer._mark, trainer._overhead = 0.0, 1000.0, 0.0, 0.0
     written: list[dict] = []
-    trainer._pace, trainer._checkpoint_s, trainer.monitor = deque([(0, 0.0)]), None, None
+    trainer._pace, trainer._planned_pace = deque([(0, 0.0)]), (0, 0.0)
+    trainer._checkpoint_s, trainer.monitor = None, None
     trainer.metrics = SimpleNamespace(write=written.append)
     trainer.world, trainer.device = distributed.World(), torch.device("cpu")
 
@@ -172,14 +173,56 @@ def test_the_safety_net_shortens_a_run_that_fell_behind(monkeypatch, capsys):
     assert trainer._lr(plan.total_steps) == 0.0
 
 
+
+def test_the_safety_net_lengthens_a_plan_timed_on_slow_first_steps_only_early(monkeypatch, capsys):
+    config = build_config({"time_budget": 1000.0, "batch_size": 8})
+    plan = Plan(mode="budget", steps_per_epoch=10, total_steps=500, schedule_steps=500, budget_s=1000.0,
+                measured={"img_per_s": 4.0, "eval_s": 0.0, "checkpoint_s": 0.0})
+    trainer = stand_in(plan, config, step=100)
+    trainer.started, trainer.deadline, trainer._mark, trainer._overhead = 0.0, 1000.0, 0.0, 0.0
+    written: list[dict] = []
+    trainer._pace, trainer._planned_pace = deque([(0, 0.0)]), (0, 0.0)
+    trainer._checkpoint_s, trainer.monitor = None, None
+    trainer.metrics = SimpleNamespace(write=written.append)
+    trainer.world, trainer.device = distributed.World(), torch.device("cpu")
+
+    # planned at 2 s per step, running at 1 s: 400 steps left would end at 500 s of 1000
+    monkeypatch.setattr(moco.train.time, "monotonic", lambda: 100.0)
+    trainer._recheck()
+    assert plan.total_steps == 100 + int((900 - 13) / 1)  # to the deadline less the 13 s margin
+    assert plan.knots == [[100, 100.0]] and written[0]["event"] == "lengthened"
+    assert "lengthened from 500 to 987 steps" in capsys.readouterr().out
+    assert trainer._lr(plan.total_steps) == 0.0 and trainer._lr(500) > 0.0
+
+    # past half of the schedule an early end is left alone (the LR is already decaying)
+    plan.total_steps, plan.knots, plan.schedule_start = 500, [], 0
+    trainer.progress.step, trainer._pace = 300, deque([(0, 0.0)])
+    monkeypatch.setattr(moco.train.time, "monotonic", lambda: 300.0)
+    trainer._recheck()
+    assert plan.total_steps == 500 and not plan.knots
+
+    # within the margin and tolerance of the deadline: no change (no chasing of timing noise)
+    plan.total_steps = 985
+    trainer.progress.step, trainer._pace = 100, deque([(0, 0.0)])
+    monkeypatch.setattr(moco.train.time, "monotonic", lambda: 100.0)
+    trainer._recheck()
+    assert plan.total_steps == 985 and not plan.knots
+
+    # a fast last stretch alone does not lengthen: the pace since timing began must agree
+    plan.total_steps = 550
+    trainer._pace = deque([(90, 180.0)])  # 1 s per step lately, 1.9 s per step since timing began
+    monkeypatch.setattr(moco.train.time, "monotonic", lambda: 190.0)
+    trainer._recheck()
+    assert plan.total_steps == 550 and not plan.knots
+
 # -- budget-aware defaults ---------------------------------------------------------------------------
 def test_defaults_fit_momentum_queue_and_warmup_to_a_short_plan():
     config = build_config({})
     notes = fit_to_plan(config, set(), num_images=100_000, planned_steps=511, steps_per_epoch=390)
-    assert config.moco_m == pytest.approx(0.9804)
-    assert notes[0] == ("moco_m 0.999 -> 0.9804: an averaging horizon of 1000 steps would exceed 10% of the "
+    assert config.moco_m == pytest.approx(0.9022)
+    assert notes[0] == ("moco_m 0.999 -> 0.9022: an averaging horizon of 1000 steps would exceed 2% of the "
                         "511 planned steps")
-    assert config.queue_size == 51 * 256 and notes[1].startswith("queue_size 65536 -> 13056: ")
+    assert config.queue_size == 10 * 256 and notes[1].startswith("queue_size 65536 -> 2560: ")
     assert round(config.warmup_epochs * 390) == 26 and notes[2].startswith("warmup_epochs 0 -> ")
     assert len(notes) == 3
 
@@ -294,6 +337,7 @@ def test_a_resumed_budget_run_keeps_its_plan_and_finishes_it(image_folder, tmp_p
     monkeypatch.setattr(moco.train, "MEASURE_MIN_STEPS", 1)
     monkeypatch.setattr(moco.train, "measure_seconds", lambda budget: 0.0)
     monkeypatch.setattr(moco.train, "plan_steps", lambda *args, **kwargs: 4)
+    monkeypatch.setattr(moco.train, "EXTEND_UNTIL_FRACTION", -1.0)  # 4 steps in 10 minutes: never lengthen
     original = Trainer._step
 
     def die_after_the_plan(self, batch):

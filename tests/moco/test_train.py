@@ -142,3 +142,17 @@ def test_a_signal_writes_a_checkpoint_and_the_run_resumes(image_folder, tmp_path
     assert steps >= 2
     assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
     assert load_checkpoint(run)["progress"]["epoch"] == 3
+
+
+def test_compile_trains_and_checkpoints_like_the_eager_step(image_folder, tmp_path):
+    # torch.compile (inductor, C++ on this CPU; about two minutes here) wraps only the step's
+    # forward: the checkpoint keeps the plain module's keys, so it resumes, exports and evaluates
+    # like any other.
+    args = [*FAST, "--epochs", "1"]
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "eager"), *args]) == 0
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "compiled"), *args, "--compile"]) == 0
+    eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert len(compiled) == len(eager) == 3 and all(map(torch.isfinite, torch.tensor(compiled)))
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-3)  # same seed, same first batch, same loss
+    state = load_checkpoint(tmp_path / "compiled")
+    assert state["config"]["compile"] and state["model"].keys() == load_checkpoint(tmp_path / "eager")["model"].keys()
