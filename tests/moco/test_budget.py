@@ -146,10 +146,12 @@ def test_an_epochs_plan_is_the_plain_schedule():
     assert not any(plan.eval_due(s) for s in range(22))  # --epochs runs evaluate at epoch ends
 
 
-def test_the_safety_net_shortens_a_run_that_fell_behind(monkeypatch, capsys):
+def safety_net_stand_in(total_steps: int, timed_img_per_s: float) -> tuple[Trainer, list[dict]]:
+    """A 1000 s budget run of batch 8 at step 100, planned for `total_steps`, for `_recheck`;
+    also the list its metrics records are written to."""
     config = build_config({"time_budget": 1000.0, "batch_size": 8})
-    plan = Plan(mode="budget", steps_per_epoch=10, total_steps=1000, schedule_steps=1000, budget_s=1000.0,
-                measured={"img_per_s": 8.0, "eval_s": 0.0, "checkpoint_s": 0.0})
+    plan = Plan(mode="budget", steps_per_epoch=10, total_steps=total_steps, schedule_steps=total_steps,
+                budget_s=1000.0, measured={"img_per_s": timed_img_per_s, "eval_s": 0.0, "checkpoint_s": 0.0})
     trainer = stand_in(plan, config, step=100)
     trainer.started, trainer.deadline, trainer._mark, trainer._overhead = 0.0, 1000.0, 0.0, 0.0
     written: list[dict] = []
@@ -157,6 +159,12 @@ def test_the_safety_net_shortens_a_run_that_fell_behind(monkeypatch, capsys):
     trainer._checkpoint_s, trainer.monitor = None, None
     trainer.metrics = SimpleNamespace(write=written.append)
     trainer.world, trainer.device = distributed.World(), torch.device("cpu")
+    return trainer, written
+
+
+def test_the_safety_net_shortens_a_run_that_fell_behind(monkeypatch, capsys):
+    trainer, written = safety_net_stand_in(total_steps=1000, timed_img_per_s=8.0)
+    plan = trainer.plan
 
     monkeypatch.setattr(moco.train.time, "monotonic", lambda: 100.0)  # on pace: 1 s per step
     trainer._recheck()
@@ -173,18 +181,9 @@ def test_the_safety_net_shortens_a_run_that_fell_behind(monkeypatch, capsys):
     assert trainer._lr(plan.total_steps) == 0.0
 
 
-
 def test_the_safety_net_lengthens_a_plan_timed_on_slow_first_steps_only_early(monkeypatch, capsys):
-    config = build_config({"time_budget": 1000.0, "batch_size": 8})
-    plan = Plan(mode="budget", steps_per_epoch=10, total_steps=500, schedule_steps=500, budget_s=1000.0,
-                measured={"img_per_s": 4.0, "eval_s": 0.0, "checkpoint_s": 0.0})
-    trainer = stand_in(plan, config, step=100)
-    trainer.started, trainer.deadline, trainer._mark, trainer._overhead = 0.0, 1000.0, 0.0, 0.0
-    written: list[dict] = []
-    trainer._pace, trainer._planned_pace = deque([(0, 0.0)]), (0, 0.0)
-    trainer._checkpoint_s, trainer.monitor = None, None
-    trainer.metrics = SimpleNamespace(write=written.append)
-    trainer.world, trainer.device = distributed.World(), torch.device("cpu")
+    trainer, written = safety_net_stand_in(total_steps=500, timed_img_per_s=4.0)
+    plan = trainer.plan
 
     # planned at 2 s per step, running at 1 s: 400 steps left would end at 500 s of 1000
     monkeypatch.setattr(moco.train.time, "monotonic", lambda: 100.0)
