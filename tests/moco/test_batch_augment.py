@@ -30,6 +30,20 @@ def test_colour_ops_match_torchvision_per_sample(images, op, reference, values):
         torch.testing.assert_close(out[i], reference(images[i], float(params[i])), rtol=1e-4, atol=1e-4)
 
 
+def test_hue_matches_torchvision_on_greys_ties_and_extremes():
+    """Decoded photos are uint8: ties between channels, greys, black and white are common, and
+    each is a branch of the RGB -> HSV conversion."""
+    torch.manual_seed(1)
+    quantised = torch.randint(0, 4, (4, 3, 16, 16)).float() / 3  # four levels: many ties
+    quantised[:, :, :4] = quantised[:, :1, :4]  # grey rows
+    quantised[:, :, 4, :4] = 0.0
+    quantised[:, :, 4, 4:8] = 1.0
+    shifts = torch.tensor([-0.5, -0.2, 0.3, 0.5])
+    out = B.adjust_hue(quantised, shifts)
+    for i in range(quantised.shape[0]):
+        torch.testing.assert_close(out[i], TF.adjust_hue(quantised[i], float(shifts[i])), rtol=1e-4, atol=1e-4)
+
+
 def test_blur_matches_torchvision_per_sample(images):
     sigmas = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 0.8])
     out = B.gaussian_blur(images, sigmas)
@@ -118,3 +132,21 @@ def test_a_relative_blur_reaches_the_batched_views():
     views = B.BatchTwoViews("v2", 32, 0.2, blur_relative=True)
     assert views.first.sigma == blur_sigma(32, relative=True) and views.first.kernel == 3
     assert B.BatchTwoViews("v2", 32, 0.2).second.sigma == (0.1, 2.0)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["gathered (CPU)", "masked (GPU)"])
+def test_jitter_ops_follow_each_samples_order(images, masked):
+    """Both ways of applying the four ops (the GPU's masks run on a CPU too) equal torchvision's
+    ops applied one after another in each sample's own order."""
+    generator = torch.Generator().manual_seed(3)
+    n = images.shape[0]
+    factors = [torch.empty(n).uniform_(0.6, 1.4, generator=generator) for _ in range(3)]
+    factors.append(torch.empty(n).uniform_(-0.1, 0.1, generator=generator))
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)
+    reference_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    out = B.apply_in_order(images, factors, order, masked=masked)
+    for i in range(n):
+        expected = images[i]
+        for op_index in order[i].tolist():
+            expected = reference_ops[op_index](expected, float(factors[op_index][i]))
+        torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
