@@ -47,6 +47,10 @@ RECHECK_TOLERANCE_MIN_S = 2.0  # ... (at least 2 s, so timing noise in tiny runs
 RECHECK_TOLERANCE_MAX_S = 15.0  # ... and at most 15 s, so a long run never ends much past its budget
 RECHECK_WINDOW_FRACTION = 0.05  # the pace is measured over the last 5% of the budget ...
 RECHECK_WINDOW_MIN_S = 10.0  # ... or the last 10 s, whichever is longer
+TRUST_RECENT_WINDOWS = 4  # within 4 windows of the deadline the recent pace alone shortens the plan
+# (a late slowdown would not be averaged away in time); before that a dip must also show in the
+# pace since timing began, so one slow minute on a shared machine does not cut a schedule that
+# cannot be lengthened again in its second half
 EXTEND_UNTIL_FRACTION = 0.5  # lengthen a plan that would end early (by more than the margin and the
 # tolerance) only in the first half of its schedule: later the LR is already decaying, and the
 # momentum and queue were fitted to the planned length

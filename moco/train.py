@@ -42,6 +42,7 @@ from moco.budget import (
     MEASURE_SKIP_STEPS_COMPILED,
     RECHECK_WINDOW_FRACTION,
     RECHECK_WINDOW_MIN_S,
+    TRUST_RECENT_WINDOWS,
     Plan,
     estimate_checkpoint_seconds,
     format_duration,
@@ -682,7 +683,8 @@ class Trainer:
         """The safety net: re-measure the pace and re-plan if the run would end past its budget or
         well before it; the schedules are compressed or stretched to complete at the new end.
 
-        Shortening follows the pace of the last few minutes (the machine got slower). Lengthening
+        Shortening follows the pace of the last few minutes (the machine got slower) once the pace
+        since timing began agrees, or on its own near the deadline (TRUST_RECENT_WINDOWS). Lengthening
         is for a plan timed on first steps that were slower than the steady state (a warming
         cache, a busy disk): it needs both that pace and the pace since timing began to be ahead,
         plans with the slower of the two, and happens only while most of the schedule is ahead,
@@ -702,7 +704,9 @@ class Trainer:
         if p.step > first_step and plan.total_steps > p.step:
             since_timing_s = (busy - self._planned_pace[1]) / max(1, p.step - self._planned_pace[0])
             tolerance = recheck_tolerance(budget)
-            if self._projected_late(now, recent_s) > tolerance:
+            final_stretch = self.deadline - now <= TRUST_RECENT_WINDOWS * window
+            if self._projected_late(now, recent_s) > tolerance and (
+                    final_stretch or self._projected_late(now, since_timing_s) > tolerance):
                 new_total = min(plan.total_steps, p.step + self._steps_that_fit(now, recent_s))
             elif plan.schedule_step(p.step) <= EXTEND_UNTIL_FRACTION * plan.schedule_steps:
                 step_s = max(recent_s, since_timing_s)

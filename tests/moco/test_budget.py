@@ -181,6 +181,25 @@ def test_the_safety_net_shortens_a_run_that_fell_behind(monkeypatch, capsys):
     assert trainer._lr(plan.total_steps) == 0.0
 
 
+def test_a_passing_dip_shortens_only_near_the_deadline(monkeypatch, capsys):
+    trainer, written = safety_net_stand_in(total_steps=900, timed_img_per_s=8.0)  # 1 s per step planned
+    plan = trainer.plan
+
+    # mid-run, 3 s per step over the last minute but 1.1 s per step since timing began: a dip on a
+    # shared machine, not a slower machine; the plan (which cannot grow again later) is kept
+    trainer.progress.step, trainer._pace = 420, deque([(400, 400.0)])
+    monkeypatch.setattr(moco.train.time, "monotonic", lambda: 460.0)
+    trainer._recheck()
+    assert plan.total_steps == 900 and not plan.knots and not written
+
+    # the same dip within four windows (200 s) of the deadline shortens on the recent pace alone
+    trainer.progress.step, trainer._pace = 800, deque([(790, 790.0)])
+    monkeypatch.setattr(moco.train.time, "monotonic", lambda: 820.0)
+    trainer._recheck()
+    assert plan.total_steps == 800 + int((180 - 13) / 3)  # 180 s left, less the 13 s margin
+    assert written[0]["event"] == "shortened" and "shortened from 900 to 855 steps" in capsys.readouterr().out
+
+
 def test_the_safety_net_lengthens_a_plan_timed_on_slow_first_steps_only_early(monkeypatch, capsys):
     trainer, written = safety_net_stand_in(total_steps=500, timed_img_per_s=4.0)
     plan = trainer.plan
