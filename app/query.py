@@ -6,16 +6,13 @@ person sees for a bad file) are plain functions a test or benchmark can call.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
 
 from indexer.collection import Collection
-from indexer.embed import THUMBNAIL_SIZE
-from indexer.images import ImageDecodeError, load_rgb_bytes
+from indexer.images import ImageDecodeError, load_rgb_bytes, thumbnail_jpeg
 
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp")
 MAX_UPLOAD_MB = 20
@@ -53,11 +50,3 @@ def embed_upload(collection: Collection, name: str, data: bytes) -> EmbeddedUplo
     vector = collection.model.embed_image(image)
     return EmbeddedUpload(name, vector, thumbnail_jpeg(image))
 
-
-def thumbnail_jpeg(image: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
-    """The same small JPEG the indexer stores for collection items."""
-    thumb = image.copy()
-    thumb.thumbnail((size, size), Image.Resampling.BILINEAR)
-    buffer = io.BytesIO()
-    thumb.save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()

@@ -25,19 +25,19 @@ from PIL import Image
 
 from indexer.images import (
     DEFAULT_MAX_PIXELS,
+    THUMBNAIL_SIZE,
     ImageDecodeError,
     apply_resize,
     load_rgb,
     load_rgb_bytes,
     parse_resize_recipe,
+    thumbnail_jpeg,
     to_uint8_array,
 )
 
 __all__ = ["Decoded", "EmbeddingModel", "ModelError", "decode_file", "embed_files", "file_sha256"]
 
 REQUIRED_PROPS = ("moco.format_version", "moco.image_size", "moco.embedding_dim", "moco.resize")
-THUMBNAIL_SIZE = 128
-"""Longest side of stored thumbnails: a grid cell in the app; a few kB as JPEG."""
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -207,12 +207,9 @@ def decode_file(path: Path, resize: str, short_side: int, max_pixels: int = DEFA
             width, height = header.size
             if header.getexif().get(0x0112) in (5, 6, 7, 8):  # stored sideways: report as shown
                 width, height = height, width
-        thumb = img.copy()
-        thumb.thumbnail((thumbnail_size, thumbnail_size), Image.Resampling.BILINEAR)
-        buf = io.BytesIO()
-        thumb.save(buf, "JPEG", quality=80)
+        thumbnail = thumbnail_jpeg(img, thumbnail_size, file_size=(width, height))
         array = to_uint8_array(apply_resize(img, resize))
-        return Decoded(array=array, width=width, height=height, sha256=digest, thumbnail=buf.getvalue())
+        return Decoded(array=array, width=width, height=height, sha256=digest, thumbnail=thumbnail)
     except ImageDecodeError as exc:
         return Decoded(reason=exc.reason, error=f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason)
     except Exception as exc:  # noqa: BLE001 - anything else is still "this file is bad"

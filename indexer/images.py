@@ -40,7 +40,9 @@ __all__ = [
     "load_rgb_bytes",
     "parse_resize_recipe",
     "resize_recipe",
+    "THUMBNAIL_SIZE",
     "scan_images",
+    "thumbnail_jpeg",
     "to_uint8_array",
     "working_size",
 ]
@@ -401,6 +403,34 @@ def to_uint8_array(img: Image.Image) -> npt.NDArray[np.uint8]:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.array(img, dtype=np.uint8, copy=True, order="C")
+
+
+THUMBNAIL_SIZE = 128
+"""Longest side of stored thumbnails: a grid cell in the app; a few kB as JPEG."""
+THUMBNAIL_QUALITY = 80
+
+
+def thumbnail_jpeg(img: Image.Image, size: int = THUMBNAIL_SIZE, *,
+                   file_size: tuple[int, int] | None = None) -> bytes:
+    """The small JPEG a grid shows for an image (collection items and uploaded queries alike).
+
+    Larger images shrink to ``size`` on their longest side. Small ones (a 32 px CIFAR image, a
+    scanned digit), whose file is at most half of ``size``, are enlarged by a whole factor with
+    nearest-neighbour sampling: the browser would otherwise blur them up to the grid cell, and a
+    person judging neighbours needs to see the pixels the model saw. ``file_size`` is the file's
+    own width and height: an image decoded at a reduced (JPEG draft) scale is not enlarged, so a
+    photo decoded small is never shown as blocks.
+    """
+    full_scale = file_size is None or tuple(file_size) == img.size
+    if full_scale and max(img.size) * 2 <= size:
+        factor = size // max(img.size)
+        thumb = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
+    else:
+        thumb = img.copy()
+        thumb.thumbnail((size, size), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    thumb.convert("RGB").save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
+    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------------------------

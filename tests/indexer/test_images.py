@@ -27,6 +27,7 @@ from indexer.images import (
     parse_resize_recipe,
     resize_recipe,
     scan_images,
+    thumbnail_jpeg,
     to_uint8_array,
     working_size,
 )
@@ -382,3 +383,28 @@ def test_lazy_package_attributes() -> None:
     assert "analysis" in dir(indexer)
     with pytest.raises(AttributeError):
         _ = indexer.no_such_name
+
+
+def _jpeg_size_and_pixels(data: bytes) -> tuple[tuple[int, int], np.ndarray]:
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "JPEG"
+        return img.size, np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def test_thumbnails_of_small_images_show_their_pixels_sharply() -> None:
+    rng = np.random.default_rng(0)
+    checker = (rng.random((8, 8, 1)) > 0.5).repeat(3, axis=2).astype(np.uint8) * 255
+    size, pixels = _jpeg_size_and_pixels(thumbnail_jpeg(Image.fromarray(checker)))
+    assert size == (128, 128)  # enlarged 16 times, not left for the browser to blur
+    centres = pixels[8::16, 8::16]  # the middle of each 16 x 16 block is the source pixel
+    assert np.abs(centres - checker).max() < 40
+    assert _jpeg_size_and_pixels(thumbnail_jpeg(Image.new("L", (32, 24), 90)))[0] == (128, 96)
+
+
+def test_thumbnails_of_larger_or_draft_decoded_images_only_shrink() -> None:
+    assert _jpeg_size_and_pixels(thumbnail_jpeg(Image.new("RGB", (400, 300), "red")))[0] == (128, 96)
+    assert _jpeg_size_and_pixels(thumbnail_jpeg(Image.new("RGB", (100, 50), "red")))[0] == (100, 50)
+    # a 480 px photo decoded at 1/8 scale is 60 px, but it is not a small image: no blocks
+    drafted = Image.new("RGB", (60, 45), "red")
+    assert _jpeg_size_and_pixels(thumbnail_jpeg(drafted, file_size=(480, 360)))[0] == (60, 45)
+    assert _jpeg_size_and_pixels(thumbnail_jpeg(drafted, file_size=(60, 45)))[0] == (120, 90)
