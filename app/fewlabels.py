@@ -1,20 +1,22 @@
 """What the Few-label page computes and draws, kept out of the page so it can be tested and reused.
 
 Two questions, one module. *Evaluation*: "if I label only a few images per folder, how well are
-the others sorted?" (folder labels as the truth, :func:`indexer.analysis.few_label_predictions`).
+the others sorted?" (folder labels as the truth, :func:`indexer.fewlabel.few_label_predictions`).
 *Interactive*: "sort my collection from the few labels I type" (user labels stored in the
-collection, :func:`indexer.analysis.classify_with_confidence`).
+collection, :func:`indexer.fewlabel.classify_with_confidence`).
 
-The numbers come from :mod:`indexer.analysis`, the same code as ``moco eval`` and
-``indexer eval``, so the page and the command line agree. Results are behind ``st.cache_data``
-keyed by the collection's directory, its generation and the settings: a rerun (any click on the
-page) redraws from the cache instead of retraining classifiers. The collection argument is
-``_collection`` so that Streamlit does not hash it (the key already names it).
+The numbers come from :mod:`indexer.fewlabel`, built on the classifiers of
+:mod:`indexer.analysis` (the same code as ``moco eval`` and ``indexer eval``), so the page and
+the command line agree. Results are behind ``st.cache_data`` keyed by the collection's
+directory, its generation and the settings: a rerun (any click on the page) redraws from the
+cache instead of retraining classifiers. The collection argument is ``_collection`` so that
+Streamlit does not hash it (the key already names it).
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,9 +30,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import state
-from indexer import analysis
-from indexer.analysis import CurvePoint, FewLabelRun, LabelBudget
+from indexer import fewlabel
 from indexer.collection import Collection
+from indexer.fewlabel import CurvePoint, FewLabelRun, LabelBudget, has_label
 
 CLASSIFIER_NAMES = {"knn": "weighted kNN", "logreg": "logistic regression", "label_propagation": "label propagation"}
 INTERACTIVE_CLASSIFIERS = ("knn", "logreg")  # label propagation needs a graph per change: too slow to click through
@@ -49,11 +51,6 @@ IntArray = npt.NDArray[np.int64]
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_label(value: object) -> bool:
-    """A real label: pandas turns the ``None`` of unlabelled items into NaN."""
-    return isinstance(value, str) and value != ""
-
-
 @dataclass(frozen=True)
 class FolderLabels:
     """The items with a folder label, as rows of ``collection.vectors`` and class ids."""
@@ -69,7 +66,7 @@ class FolderLabels:
 
 def folder_labels(frame: pd.DataFrame) -> FolderLabels:
     """Folder labels from the item table (columns id, label, in the order of the vectors)."""
-    mask = np.array([_is_label(v) for v in frame["label"]], dtype=bool)
+    mask = np.array([has_label(v) for v in frame["label"]], dtype=bool)
     names = frame["label"].to_numpy(dtype=object)[mask]
     classes = tuple(sorted(set(names)))
     lookup = {name: i for i, name in enumerate(classes)}
@@ -143,14 +140,14 @@ class Evaluation:
     def confusion(self) -> IntArray:
         """Pooled over seeds, so the matrix shows every seed's mistakes, not one lucky draw's."""
         n = len(self.classes)
-        return sum((analysis.confusion_matrix(r.truth, r.pred, n) for r in self.runs), np.zeros((n, n), np.int64))
+        return sum((fewlabel.confusion_matrix(r.truth, r.pred, n) for r in self.runs), np.zeros((n, n), np.int64))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def evaluate(_collection: Collection, directory: str, generation: int, classifier: str, per_class: int | None,
              fraction: float | None, n_seeds: int) -> Evaluation:
     labels = folder_labels(state.item_table(_collection).frame)
-    runs = analysis.few_label_predictions(
+    runs = fewlabel.few_label_predictions(
         _collection.vectors[labels.rows], labels.y, budget=LabelBudget(per_class, fraction),
         seeds=tuple(range(n_seeds)), classifier=classifier)  # type: ignore[arg-type]
     return Evaluation(labels.classes, labels.item_ids, tuple(runs))
@@ -161,7 +158,7 @@ def curve(_collection: Collection, directory: str, generation: int, classifiers:
           n_seeds: int) -> list[CurvePoint]:
     labels = folder_labels(state.item_table(_collection).frame)
     sizes = labels.class_sizes().tolist()
-    return analysis.accuracy_curve(
+    return fewlabel.accuracy_curve(
         _collection.vectors[labels.rows], labels.y, budgets=distinct_budgets(budgets_for(sizes), sizes),
         classifiers=classifiers, seeds=tuple(range(n_seeds)))  # type: ignore[arg-type]
 
@@ -175,7 +172,7 @@ def per_class_table(evaluation: Evaluation) -> pd.DataFrame:
     return pd.DataFrame({
         "class": evaluation.classes,
         "tested": cm.sum(axis=1) // max(len(evaluation.runs), 1),
-        "accuracy": analysis.per_class_accuracy(cm),
+        "accuracy": fewlabel.per_class_accuracy(cm),
         "most often taken for": confused,
     })
 
@@ -225,8 +222,9 @@ def confusion_figure(confusion: npt.ArrayLike, classes: Sequence[str]) -> go.Fig
     annotated with the counts."""
     cm = np.asarray(confusion)
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    names = [html.escape(c) for c in classes]  # plotly reads axis text as a little HTML; labels are folder names
     fig = go.Figure(go.Heatmap(
-        z=share, x=list(classes), y=list(classes), text=cm, texttemplate="%{text}", colorscale="Blues",
+        z=share, x=names, y=names, text=cm, texttemplate="%{text}", colorscale="Blues",
         zmin=0, zmax=1, colorbar={"title": "share", "tickformat": ".0%"},
         hovertemplate="true %{y}<br>predicted %{x}<br>%{text} images (%{z:.0%})<extra></extra>"))
     fig.update_xaxes(title="predicted", type="category")
@@ -243,8 +241,8 @@ def confusion_figure(confusion: npt.ArrayLike, classes: Sequence[str]) -> go.Fig
 @st.cache_data(max_entries=16, show_spinner=False)
 def suggestions(_collection: Collection, directory: str, generation: int, n: int, seed: int,
                 labelled_rows: tuple[int, ...]) -> list[int]:
-    """Item ids worth labelling next (see :func:`indexer.analysis.suggest_to_label`)."""
-    rows = analysis.suggest_to_label(_collection.vectors, n, exclude=np.array(labelled_rows, np.int64), seed=seed)
+    """Item ids worth labelling next (see :func:`indexer.fewlabel.suggest_to_label`)."""
+    rows = fewlabel.suggest_to_label(_collection.vectors, n, exclude=np.array(labelled_rows, np.int64), seed=seed)
     return [int(i) for i in np.asarray(_collection.ids)[rows]]
 
 
@@ -258,7 +256,7 @@ def classify(_collection: Collection, directory: str, generation: int, labels: t
     lookup = {name: i for i, name in enumerate(classes)}
     y = np.array([lookup[name] for _, name in labels], dtype=np.int64)
     vectors = _collection.vectors
-    pred, conf = analysis.classify_with_confidence(vectors[rows], y, vectors, method)  # type: ignore[arg-type]
+    pred, conf = fewlabel.classify_with_confidence(vectors[rows], y, vectors, method)  # type: ignore[arg-type]
     user = np.full(len(frame), "", dtype=object)
     user[rows] = [name for _, name in labels]
     return pd.DataFrame({

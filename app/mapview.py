@@ -12,6 +12,7 @@ colour scale instead.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-__all__ = ["MAX_POINTS", "MapFigure", "Selection", "build_map", "cluster_labels", "group_names", "has_label",
-           "read_selection", "subsample"]
+from indexer.fewlabel import has_label
+
+__all__ = ["MAX_POINTS", "MapFigure", "Selection", "build_map", "group_names", "read_selection", "subsample"]
 
 MAX_POINTS = 20_000
 """Markers drawn at most (plus the query and selected points, always kept)."""
@@ -33,7 +35,6 @@ NO_LABEL = "(no label)"
 NO_LABEL_COLOUR = "#b0b0b0"
 PALETTE = [*qualitative.Dark24, *qualitative.Light24]
 QUERY_COLOUR = "#e4572e"
-CLUSTER_FIT_MAX = 20_000
 
 
 @dataclass(frozen=True)
@@ -73,34 +74,11 @@ def subsample(total: int, limit: int, keep: npt.ArrayLike = (), seed: int = 0) -
     return np.union1d(sample, keep_rows).astype(np.int64)
 
 
-def has_label(label: object) -> bool:
-    """A real folder label: not None (files directly in the root), NaN or empty (arrays from elsewhere)."""
-    return isinstance(label, str) and label != ""
-
-
 def group_names(labels: Sequence[object]) -> npt.NDArray[np.object_]:
-    """The colour group of each item from its folder label; unlabelled items share one grey group."""
+    """The colour group of each item from its folder label; unlabelled items (see
+    :func:`indexer.fewlabel.has_label`) share one grey group. Colouring by k-means cluster uses
+    :func:`indexer.analysis.kmeans_labels`: the numbers live in ``indexer``, this module only draws."""
     return np.array([label if has_label(label) else NO_LABEL for label in labels], dtype=object)
-
-
-def cluster_labels(vectors: npt.ArrayLike, k: int, *, seed: int = 0, chunk: int = 65_536) -> npt.NDArray[np.int64]:
-    """k-means cluster of every row (MiniBatchKMeans fitted on at most 20k rows, then all predicted).
-
-    The vectors are L2-normalised, so Euclidean k-means groups by cosine similarity, the
-    same notion of "alike" the search uses. Fitting on a sample keeps this to about a second
-    at 100k points (bench/app_map.py)."""
-    from sklearn.cluster import MiniBatchKMeans
-
-    data = vectors if hasattr(vectors, "shape") else np.asarray(vectors, dtype=np.float32)
-    n = int(data.shape[0])
-    k = max(1, min(int(k), n))
-    rows = np.sort(np.random.default_rng(seed).permutation(n)[:CLUSTER_FIT_MAX])
-    sample = np.ascontiguousarray(data[rows], dtype=np.float32)
-    model = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=3, random_state=seed).fit(sample)
-    out = np.empty(n, dtype=np.int64)
-    for start in range(0, n, chunk):
-        out[start:start + chunk] = model.predict(np.ascontiguousarray(data[start:start + chunk], dtype=np.float32))
-    return out
 
 
 def _hover(names: Sequence[str], labels: Sequence[str] | None) -> npt.NDArray[np.object_]:
@@ -108,9 +86,11 @@ def _hover(names: Sequence[str], labels: Sequence[str] | None) -> npt.NDArray[np
 
     An object array, not a list: plotly validates a list element by element, which made this
     the slowest step of a rerun (about 0.1 s for 20,000 points)."""
+    # Plotly reads hover text as a little HTML (<b>, <a href>): names are escaped, shown as written.
     if labels is None:
-        return np.array(names, dtype=object)
-    return np.array([f"{n}<br>label: {lab}" for n, lab in zip(names, labels)], dtype=object)
+        return np.array([html.escape(n) for n in names], dtype=object)
+    return np.array([f"{html.escape(n)}<br>label: {html.escape(str(lab))}" for n, lab in zip(names, labels)],
+                    dtype=object)
 
 
 def _webgl(**props: Any) -> dict[str, Any]:
@@ -165,7 +145,7 @@ def _scale_trace(frame: pd.DataFrame, groups: npt.NDArray[np.object_], order: li
 
 def _query_trace(xy: tuple[float, float], title: str) -> go.Scatter:
     """The query as a star; an SVG trace, which plotly draws above the WebGL points."""
-    return go.Scatter(x=[xy[0]], y=[xy[1]], mode="markers", name="query", hovertext=[f"query: {title}"],
+    return go.Scatter(x=[xy[0]], y=[xy[1]], mode="markers", name="query", hovertext=[f"query: {html.escape(title)}"],
                       hovertemplate="%{hovertext}<extra></extra>",
                       marker={"size": 20, "symbol": "star", "color": QUERY_COLOUR, "line": {"width": 1.5,
                                                                                              "color": "black"}})

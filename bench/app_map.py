@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import plotly.io  # noqa: E402
 
 from app import mapview  # noqa: E402
+from indexer.analysis import kmeans_labels  # noqa: E402
 from indexer.projection import FIT_MAX, PCA_DIMS, Projection  # noqa: E402
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clusters:
         import sklearn.cluster  # noqa: F401 - import time is not clustering time
 
-        kmeans_s, _ = best_of(1, lambda: mapview.cluster_labels(vectors, args.clusters))
+        kmeans_s, _ = best_of(1, lambda: kmeans_labels(vectors, args.clusters))
         print(f"k-means k={args.clusters}      {kmeans_s:8.2f} s  (once per generation and k, then cached)")
     return 0
 

@@ -100,7 +100,7 @@ def folder_images(root: str | os.PathLike[str], image_size: int, limit: int, *, 
     path = Path(root)
     try:
         refs = scan_images(path)
-    except (FileNotFoundError, NotADirectoryError) as err:
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as err:
         raise SampleError(str(err)) from None
     if not refs:
         raise SampleError(f"no images (jpg, png, webp, bmp, tif, gif) found under {path}")

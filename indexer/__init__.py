@@ -18,7 +18,7 @@ from typing import Any
 _LAZY: dict[str, str] = {"Collection": "collection"}
 
 # Sub-modules that may be reached as attributes of the package without importing them first.
-_SUBMODULES: frozenset[str] = frozenset({"images", "analysis"})
+_SUBMODULES: frozenset[str] = frozenset({"images", "analysis", "fewlabel"})
 # (The indexer's heavy sub-modules, ann/embed/collection/..., are imported explicitly.)
 
 __all__: list[str] = sorted(_LAZY)

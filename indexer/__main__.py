@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -193,13 +194,14 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(m, indent=2, sort_keys=True))
             return 0
         counts = m["counts"]
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counts.get("skipped_by_reason", {}).items())) or "none"
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted((counts.get("skipped_by_reason") or {}).items())) or "none"
         props = m["model"]["props"]
         lines = [
             f"collection  {col.directory} (format {m['format_version']}, generation {m['generation']})",
             f"images      {m['image_root']}" + (f" (shard {m['shard'][0]}/{m['shard'][1]})" if m.get("shard") else ""),
             f"items       {counts['indexed']:,} indexed, {counts['skipped']:,} skipped ({reasons})",
-            f"model       {props.get('moco.arch', '?')} {props.get('moco.preset', '')}, {props['moco.image_size']} px, "
+            f"model       {props.get('moco.arch', '?')} {props.get('moco.preset', '')}, "
+            f"{props.get('moco.image_size', '?')} px, "
             f"D={m['dim']}, sha256 {m['model']['sha256'][:12]}",
             "index       " + describe_recipe(m["index"]["recipe"]),
             f"vectors     {sum(p['count'] for p in m['vectors']):,} rows in {len(m['vectors'])} file(s)",
@@ -250,16 +252,23 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"python -m indexer {args.command}"
     from indexer.collection import NothingIndexed
     from indexer.embed import ModelError
-    from indexer.store import CollectionError
+    from indexer.store import CollectionError, one_line
 
     try:
         return run(args)
     except NothingIndexed as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
-    except (UsageError, CollectionError, ModelError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+    except (UsageError, CollectionError, ModelError, KeyError) as exc:
         text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"{prog}: error: {text}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(text)}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.DatabaseError) as exc:
+        # The storage itself failed (permissions, a full disk, a file vanished or was damaged
+        # where no check names it): still one line, with the file when the OS gave it.
+        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"{prog}: error: {where}{one_line(detail)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the collection is unchanged", file=sys.stderr)

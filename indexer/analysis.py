@@ -1,10 +1,15 @@
-"""Classifiers over frozen embeddings: weighted kNN, linear probe, label propagation, few-label
-evaluation (accuracy, curves, confusion matrices) and the choice of images worth labelling.
+"""Classifiers and metrics over frozen embeddings: weighted kNN, linear probe, label propagation,
+few-label top-1 and the standard report, plus k-means clustering of embeddings.
 
 One implementation serves ``moco eval``, the kNN monitor during training, ``indexer eval`` and
 the app, so a number printed by any of them means the same thing. Everything works on numpy
 arrays: features are float32 rows, L2-normalised (the kNN re-normalises defensively), labels
 are non-negative integer arrays. Accuracies are fractions in [0, 1].
+
+This module is part of the torch-free base that ``moco`` imports, so it holds only what an
+evaluation needs. The interactive few-label workflow built on top of it (budgets, per-seed runs,
+curves, confusion matrices, suggestions) lives in :mod:`indexer.fewlabel`, which imports this
+module and never the other way round.
 
 scikit-learn is imported inside the functions that need it, so the kNN monitor (numpy only)
 does not pay the import in every training process.
@@ -13,32 +18,30 @@ does not pay the import in every training process.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "CurvePoint",
-    "FewLabelRun",
-    "LabelBudget",
-    "accuracy_curve",
+    "CLASSIFIERS",
+    "KMEANS_FIT_ROWS",
+    "Classifier",
+    "accuracy",
+    "as_features",
+    "as_labels",
     "class_scores",
-    "classify_with_confidence",
-    "confusion_matrix",
     "evaluate_features",
-    "few_label_predictions",
     "few_label_top1",
+    "kmeans_labels",
     "knn_top1",
     "l2_normalize",
     "label_propagation_scores",
     "linear_probe_top1",
     "logistic_regression_scores",
     "logistic_regression_top1",
-    "per_class_accuracy",
     "sample_few_labels",
-    "suggest_to_label",
+    "subset_scores",
     "weighted_knn_predict",
     "weighted_knn_scores",
 ]
@@ -46,6 +49,7 @@ __all__ = [
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 Classifier = Literal["logreg", "knn", "label_propagation"]
+CLASSIFIERS: tuple[Classifier, ...] = ("logreg", "knn", "label_propagation")
 
 # Inverse regularisation strength of the logistic-regression probe, see
 # logistic_regression_top1 for why this value.
@@ -53,6 +57,10 @@ DEFAULT_C = 0.1
 # Enough for lbfgs to converge on standardised 50k x 512 features (typically a few hundred
 # iterations, well under a minute on a laptop CPU); the cap only bounds pathological cases.
 DEFAULT_MAX_ITER = 1000
+# k-means is fitted on at most this many rows, then every row is assigned: the centres of a
+# random 20k sample are as good for telling regions apart (the map's colours, the few-label
+# suggestions), and fitting stays about a second at 100k rows (bench/app_map.py).
+KMEANS_FIT_ROWS = 20_000
 
 
 def l2_normalize(x: npt.ArrayLike, eps: float = 1e-12) -> FloatArray:
@@ -66,7 +74,9 @@ def l2_normalize(x: npt.ArrayLike, eps: float = 1e-12) -> FloatArray:
     return arr / np.maximum(norms, eps)
 
 
-def _as_features(x: npt.ArrayLike, name: str) -> FloatArray:
+def as_features(x: npt.ArrayLike, name: str) -> FloatArray:
+    """``x`` as a float32 (rows x dims) array, or a ValueError naming ``name``: every function
+    here and in :mod:`indexer.fewlabel` checks its inputs the same way, with the same message."""
     arr = np.asarray(x, dtype=np.float32)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (rows = samples), got shape {arr.shape}")
@@ -75,7 +85,8 @@ def _as_features(x: npt.ArrayLike, name: str) -> FloatArray:
     return arr
 
 
-def _as_labels(y: npt.ArrayLike, n: int, name: str) -> IntArray:
+def as_labels(y: npt.ArrayLike, n: int, name: str) -> IntArray:
+    """``y`` as ``n`` non-negative int64 class ids, or a ValueError naming ``name``."""
     arr = np.asarray(y)
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"{name} must be a 1-D array with {n} entries, got shape {arr.shape}")
@@ -116,9 +127,9 @@ def weighted_knn_scores(
     i.e. ~200 MB for 256 x 50k (a 1024-row chunk would need ~800 MB), instead of gigabytes
     for 10k x 50k at once. Larger chunks are no faster: each block is already a big GEMM.
     """
-    train = l2_normalize(_as_features(train_feats, "train_feats"))
-    queries = l2_normalize(_as_features(query_feats, "query_feats"))
-    labels = _as_labels(train_labels, train.shape[0], "train_labels")
+    train = l2_normalize(as_features(train_feats, "train_feats"))
+    queries = l2_normalize(as_features(query_feats, "query_feats"))
+    labels = as_labels(train_labels, train.shape[0], "train_labels")
     if train.shape[0] == 0:
         raise ValueError("weighted kNN needs at least one training row")
     if train.shape[1] != queries.shape[1]:
@@ -198,85 +209,17 @@ def knn_top1(
         num_classes=num_classes,
         chunk=chunk,
     )
-    return _accuracy(pred, truth)
+    return accuracy(pred, truth)
 
 
-def _accuracy(pred: npt.ArrayLike, truth: npt.ArrayLike) -> float:
+def accuracy(pred: npt.ArrayLike, truth: npt.ArrayLike) -> float:
+    """Top-1 accuracy (fraction) of predicted class ids against the true ones."""
     pred_arr, truth_arr = np.asarray(pred), np.asarray(truth)
     if pred_arr.shape != truth_arr.shape:
         raise ValueError(f"prediction shape {pred_arr.shape} differs from label shape {truth_arr.shape}")
     if truth_arr.size == 0:
         raise ValueError("cannot compute accuracy on an empty test set")
     return float(np.mean(pred_arr == truth_arr))
-
-
-# --------------------------------------------------------------------------------------------
-# Few-label subsets
-# --------------------------------------------------------------------------------------------
-
-
-def sample_few_labels(
-    labels: npt.ArrayLike,
-    *,
-    fraction: float | None = None,
-    per_class: int | None = None,
-    seed: int,
-) -> IntArray:
-    """Indices (sorted) of a stratified labelled subset: the same share of every class.
-
-    Give exactly one of ``fraction`` (per class ``max(1, round(fraction * count))``) or
-    ``per_class`` (capped at the class size). Every class keeps at least one example, so a
-    classifier trained on the subset can predict every class. Deterministic for a seed: the
-    classes are visited in sorted order with one ``numpy.random.default_rng(seed)``.
-    """
-    y = np.asarray(labels)
-    if y.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {y.shape}")
-    if (fraction is None) == (per_class is None):
-        raise ValueError("give exactly one of fraction= or per_class=")
-    if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if per_class is not None and per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
-    rng = np.random.default_rng(seed)
-    chosen: list[np.ndarray] = []
-    for cls in np.unique(y):
-        members = np.flatnonzero(y == cls)
-        if fraction is not None:
-            n = max(1, round(fraction * members.size))
-        else:
-            n = min(int(per_class), members.size)  # type: ignore[arg-type]
-        chosen.append(rng.choice(members, size=n, replace=False))
-    if not chosen:
-        return np.zeros(0, dtype=np.int64)
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class LabelBudget:
-    """How many labels a few-label run may use: ``per_class`` images of every class, or a
-    ``fraction`` of each class (see :func:`sample_few_labels`). Hashable, so a budget can key a
-    cache and name a point of an accuracy curve."""
-
-    per_class: int | None = None
-    fraction: float | None = None
-
-    def __post_init__(self) -> None:
-        if (self.per_class is None) == (self.fraction is None):
-            raise ValueError("give exactly one of per_class= or fraction=")
-        if self.per_class is not None and self.per_class < 1:
-            raise ValueError(f"per_class must be >= 1, got {self.per_class}")
-        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-
-    @property
-    def name(self) -> str:
-        if self.per_class is not None:
-            return f"{self.per_class} per class"
-        return f"{self.fraction * 100:g}%"  # type: ignore[operator]
-
-    def sample(self, labels: npt.ArrayLike, seed: int) -> IntArray:
-        return sample_few_labels(labels, fraction=self.fraction, per_class=self.per_class, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,9 +270,9 @@ def logistic_regression_scores(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x_train = _as_features(train_feats, "train_feats")
-    x_query = _as_features(query_feats, "query_feats")
-    y_train = _as_labels(train_labels, x_train.shape[0], "train_labels")
+    x_train = as_features(train_feats, "train_feats")
+    x_query = as_features(query_feats, "query_feats")
+    y_train = as_labels(train_labels, x_train.shape[0], "train_labels")
     if x_train.shape[1] != x_query.shape[1]:
         raise ValueError(f"feature sizes differ: train {x_train.shape[1]}, query {x_query.shape[1]}")
     n_classes = _num_classes(num_classes, y_train)
@@ -358,10 +301,10 @@ def logistic_regression_top1(
     max_iter: int = DEFAULT_MAX_ITER,
 ) -> float:
     """Top-1 accuracy of :func:`logistic_regression_scores` on a labelled test set."""
-    x_test = _as_features(test_feats, "test_feats")
-    y_test = _as_labels(test_labels, x_test.shape[0], "test_labels")
+    x_test = as_features(test_feats, "test_feats")
+    y_test = as_labels(test_labels, x_test.shape[0], "test_labels")
     scores = logistic_regression_scores(train_feats, train_labels, x_test, seed=seed, C=C, max_iter=max_iter)
-    return _accuracy(scores.argmax(axis=1), y_test)
+    return accuracy(scores.argmax(axis=1), y_test)
 
 
 def linear_probe_top1(
@@ -407,7 +350,7 @@ def label_propagation_scores(
     """
     from sklearn.semi_supervised import LabelSpreading
 
-    x = l2_normalize(_as_features(feats, "feats"))
+    x = l2_normalize(as_features(feats, "feats"))
     y = np.asarray(partial_labels).astype(np.int64)
     if y.shape != (x.shape[0],):
         raise ValueError(f"partial_labels must be a 1-D array with {x.shape[0]} entries, got shape {y.shape}")
@@ -447,128 +390,86 @@ def class_scores(
     raise ValueError(f"unknown inductive classifier {method!r}; use knn or logreg")
 
 
-def classify_with_confidence(
-    train_feats: npt.ArrayLike,
-    train_labels: npt.ArrayLike,
-    all_feats: npt.ArrayLike,
-    method: Classifier = "knn",
+# --------------------------------------------------------------------------------------------
+# Few-label top-1
+# --------------------------------------------------------------------------------------------
+
+
+def sample_few_labels(
+    labels: npt.ArrayLike,
     *,
+    fraction: float | None = None,
+    per_class: int | None = None,
+    seed: int,
+) -> IntArray:
+    """Indices (sorted) of a stratified labelled subset: the same share of every class.
+
+    Give exactly one of ``fraction`` (per class ``max(1, round(fraction * count))``) or
+    ``per_class`` (capped at the class size). Every class keeps at least one example, so a
+    classifier trained on the subset can predict every class. Deterministic for a seed: the
+    classes are visited in sorted order with one ``numpy.random.default_rng(seed)``.
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {y.shape}")
+    if (fraction is None) == (per_class is None):
+        raise ValueError("give exactly one of fraction= or per_class=")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    for cls in np.unique(y):
+        members = np.flatnonzero(y == cls)
+        if fraction is not None:
+            n = max(1, round(fraction * members.size))
+        else:
+            n = min(int(per_class), members.size)  # type: ignore[arg-type]
+        chosen.append(rng.choice(members, size=n, replace=False))
+    if not chosen:
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def subset_scores(
+    pool: npt.ArrayLike,
+    pool_labels: npt.ArrayLike,
+    train: npt.ArrayLike,
+    queries: npt.ArrayLike | None = None,
+    *,
+    classifier: Classifier,
     num_classes: int | None = None,
     seed: int = 0,
     knn_k: int = 200,
     knn_t: float = 0.1,
-) -> tuple[IntArray, FloatArray]:
-    """Predicted class and its score (in [0, 1]) for every row of ``all_feats``.
-
-    The score is the winning class's share of the kNN votes or its logistic probability, so
-    sorting or filtering by it puts the predictions a person should check first at the bottom.
-    """
-    scores = class_scores(
-        train_feats, train_labels, all_feats, method=method, num_classes=num_classes, seed=seed,
-        knn_k=knn_k, knn_t=knn_t,
-    )
-    pred = scores.argmax(axis=1).astype(np.int64)
-    return pred, np.clip(scores[np.arange(pred.size), pred], 0.0, 1.0).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Few-label evaluation
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FewLabelRun:
-    """One seed of a few-label evaluation: which rows were labelled, and what became of the rest.
-
-    ``train`` indexes the pool of labelled candidates; ``test`` indexes the held-out test set
-    when one was given, else the pool rows left unlabelled. ``truth``, ``pred`` and
-    ``confidence`` are aligned with ``test``, so a page can draw the confusion matrix and show
-    the mistakes without recomputing anything.
-    """
-
-    seed: int
-    train: IntArray
-    test: IntArray
-    truth: IntArray
-    pred: IntArray
-    confidence: FloatArray
-
-    @property
-    def accuracy(self) -> float:
-        return _accuracy(self.pred, self.truth)
-
-
-def _subset_scores(
-    pool: FloatArray,
-    pool_labels: IntArray,
-    train: IntArray,
-    queries: FloatArray | None,
-    *,
-    classifier: Classifier,
-    num_classes: int,
-    seed: int,
-    knn_k: int,
-    knn_t: float,
 ) -> FloatArray:
-    """Scores of ``queries`` (or, when None, of the pool rows outside ``train``) by a classifier
-    that knows only the labels of ``pool[train]``. The whole pool (and the queries) feed label
-    propagation's graph; only the labelled rows feed the inductive classifiers."""
-    rest = np.setdiff1d(np.arange(pool.shape[0]), train)
+    """Scores (rows x classes) of ``queries`` (or, when None, of the pool rows outside ``train``)
+    by a classifier that knows only the labels of ``pool[train]``: one seed of a few-label run.
+
+    The whole pool (and the queries) feed label propagation's graph; only the labelled rows feed
+    the inductive classifiers. :func:`few_label_top1` and :func:`indexer.fewlabel.few_label_predictions`
+    both score through here, so the report and the app's per-seed runs cannot disagree.
+    """
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {classifier!r}; use logreg, knn or label_propagation")
+    x = as_features(pool, "pool")
+    y = as_labels(pool_labels, x.shape[0], "pool_labels")
+    chosen = np.asarray(train, dtype=np.int64)
+    extra = None if queries is None else as_features(queries, "queries")
+    n_classes = _num_classes(num_classes, y)
+    rest = np.setdiff1d(np.arange(x.shape[0]), chosen)
     if classifier == "label_propagation":
-        graph = pool if queries is None else np.concatenate([pool, queries], axis=0)
+        graph = x if extra is None else np.concatenate([x, extra], axis=0)
         partial = np.full(graph.shape[0], -1, dtype=np.int64)
-        partial[train] = pool_labels[train]
-        dist = label_propagation_scores(graph, partial, num_classes=num_classes)
-        return dist[rest] if queries is None else dist[pool.shape[0] :]
-    target = pool[rest] if queries is None else queries
+        partial[chosen] = y[chosen]
+        dist = label_propagation_scores(graph, partial, num_classes=n_classes)
+        return dist[rest] if extra is None else dist[x.shape[0] :]
+    target = x[rest] if extra is None else extra
     return class_scores(
-        pool[train], pool_labels[train], target, method=classifier, num_classes=num_classes, seed=seed,
+        x[chosen], y[chosen], target, method=classifier, num_classes=n_classes, seed=seed,
         knn_k=knn_k, knn_t=knn_t,
     )
-
-
-def few_label_predictions(
-    train_feats: npt.ArrayLike,
-    train_labels: npt.ArrayLike,
-    *,
-    budget: LabelBudget,
-    seeds: Sequence[int] = (0, 1, 2),
-    classifier: Classifier = "logreg",
-    test_feats: npt.ArrayLike | None = None,
-    test_labels: npt.ArrayLike | None = None,
-    knn_k: int = 200,
-    knn_t: float = 0.1,
-) -> list[FewLabelRun]:
-    """Per seed: label a stratified ``budget`` of the training rows, classify, keep the predictions.
-
-    Without a test set the remaining (unlabelled) training rows are the test set: the question
-    a person with a folder of images asks is "if I label this many, how well are the others
-    sorted?". Each seed draws a different subset; the spread shows how much the answer depends
-    on which few images happened to be labelled.
-    """
-    x_train = _as_features(train_feats, "train_feats")
-    y_train = _as_labels(train_labels, x_train.shape[0], "train_labels")
-    if classifier not in ("logreg", "knn", "label_propagation"):
-        raise ValueError(f"unknown classifier {classifier!r}; use logreg, knn or label_propagation")
-    if len(seeds) == 0:
-        raise ValueError("give at least one seed")
-    if (test_feats is None) != (test_labels is None):
-        raise ValueError("give both test_feats and test_labels, or neither")
-    x_test = None if test_feats is None else _as_features(test_feats, "test_feats")
-    y_test = None if x_test is None else _as_labels(test_labels, x_test.shape[0], "test_labels")
-    n_classes = _num_classes(None, y_train, *(() if y_test is None else (y_test,)))
-    runs: list[FewLabelRun] = []
-    for seed in map(int, seeds):
-        train = budget.sample(y_train, seed)
-        test = np.setdiff1d(np.arange(x_train.shape[0]), train) if x_test is None else np.arange(x_test.shape[0])
-        truth = y_train[test] if y_test is None else y_test
-        if test.size == 0:
-            raise ValueError(f"{budget.name} labels every image: nothing is left to test on")
-        scores = _subset_scores(x_train, y_train, train, x_test, classifier=classifier, num_classes=n_classes,
-                                seed=seed, knn_k=knn_k, knn_t=knn_t)
-        pred = scores.argmax(axis=1).astype(np.int64)
-        runs.append(FewLabelRun(seed, train, test, truth, pred, scores[np.arange(pred.size), pred]))
-    return runs
 
 
 def few_label_top1(
@@ -592,75 +493,20 @@ def few_label_top1(
     the subset as memory bank) or ``"label_propagation"`` (LabelSpreading over train + test,
     transductive).
     """
-    runs = few_label_predictions(
-        train_feats, train_labels, budget=LabelBudget(fraction=fraction), seeds=seeds, classifier=classifier,
-        test_feats=test_feats, test_labels=test_labels, knn_k=knn_k, knn_t=knn_t,
-    )
-    return _mean_std([run.accuracy for run in runs])
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values))
-
-
-@dataclass(frozen=True)
-class CurvePoint:
-    """Accuracy of one classifier at one label budget: mean and std over seeds, and the mean
-    number of images that were labelled (the x of the curve, comparable across budgets)."""
-
-    classifier: str
-    budget: LabelBudget
-    labelled: float
-    mean: float
-    std: float
-
-
-def accuracy_curve(
-    feats: npt.ArrayLike,
-    labels: npt.ArrayLike,
-    *,
-    budgets: Sequence[LabelBudget],
-    classifiers: Sequence[Classifier] = ("knn",),
-    seeds: Sequence[int] = (0, 1, 2),
-    knn_k: int = 200,
-    knn_t: float = 0.1,
-) -> list[CurvePoint]:
-    """Accuracy on the unlabelled rows versus the number of labels, for each classifier.
-
-    Answers "how many images must I label before the rest sort themselves?"; budgets that would
-    label every image (nothing left to test) are left out rather than failing the whole curve.
-    """
-    x = _as_features(feats, "feats")
-    y = _as_labels(labels, x.shape[0], "labels")
-    points: list[CurvePoint] = []
-    for classifier in classifiers:
-        for budget in budgets:
-            if budget.sample(y, 0).size >= y.size:
-                continue
-            runs = few_label_predictions(x, y, budget=budget, seeds=seeds, classifier=classifier,
-                                         knn_k=knn_k, knn_t=knn_t)
-            mean, std = _mean_std([run.accuracy for run in runs])
-            labelled = float(np.mean([run.train.size for run in runs]))
-            points.append(CurvePoint(classifier, budget, labelled, mean, std))
-    return points
-
-
-def confusion_matrix(truth: npt.ArrayLike, pred: npt.ArrayLike, num_classes: int) -> IntArray:
-    """Counts (true class x predicted class); pooling runs is a sum of their matrices."""
-    t = _as_labels(truth, np.asarray(truth).shape[0], "truth")
-    p = _as_labels(pred, t.size, "pred")
-    if t.size and max(int(t.max()), int(p.max())) >= num_classes:
-        raise ValueError(f"class ids must be below num_classes={num_classes}")
-    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def per_class_accuracy(confusion: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """Recall of every class (diagonal over row sums); NaN for a class with no test images,
-    which is "unknown", not "0% right"."""
-    cm = np.asarray(confusion, dtype=np.float64)
-    totals = cm.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, np.diag(cm) / totals, np.nan)
+    x_train = as_features(train_feats, "train_feats")
+    y_train = as_labels(train_labels, x_train.shape[0], "train_labels")
+    x_test = as_features(test_feats, "test_feats")
+    y_test = as_labels(test_labels, x_test.shape[0], "test_labels")
+    if len(seeds) == 0:
+        raise ValueError("give at least one seed")
+    n_classes = _num_classes(None, y_train, y_test)
+    accuracies = []
+    for seed in map(int, seeds):
+        train = sample_few_labels(y_train, fraction=fraction, seed=seed)
+        scores = subset_scores(x_train, y_train, train, x_test, classifier=classifier, num_classes=n_classes,
+                               seed=seed, knn_k=knn_k, knn_t=knn_t)
+        accuracies.append(accuracy(scores.argmax(axis=1), y_test))
+    return float(np.mean(accuracies)), float(np.std(accuracies))
 
 
 def evaluate_features(
@@ -680,10 +526,10 @@ def evaluate_features(
     10% stratified label subsets, mean over ``seeds``), each with a ``*_std``. kNN and the
     full linear probe (lbfgs) are deterministic, so their std is 0.0 and they run once.
     """
-    x_train = _as_features(train_feats, "train_feats")
-    x_test = _as_features(test_feats, "test_feats")
-    y_train = _as_labels(train_labels, x_train.shape[0], "train_labels")
-    y_test = _as_labels(test_labels, x_test.shape[0], "test_labels")
+    x_train = as_features(train_feats, "train_feats")
+    x_test = as_features(test_feats, "test_feats")
+    y_train = as_labels(train_labels, x_train.shape[0], "train_labels")
+    y_test = as_labels(test_labels, x_test.shape[0], "test_labels")
     n_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     first_seed = int(seeds[0]) if len(seeds) else 0
     knn = knn_top1(x_train, y_train, x_test, y_test, k=knn_k, temperature=knn_t, num_classes=n_classes)
@@ -702,51 +548,32 @@ def evaluate_features(
     }
 
 
+
+
 # --------------------------------------------------------------------------------------------
-# Which images to label next
+# Clustering
 # --------------------------------------------------------------------------------------------
 
-# k-means is fitted on at most this many rows: the centres of a random 20k sample of a large
-# collection are as good for choosing a handful of images, and fitting stays around a second.
-SUGGEST_FIT_ROWS = 20_000
 
+def kmeans_labels(vectors: npt.ArrayLike, k: int, *, seed: int = 0, chunk: int = 65_536) -> IntArray:
+    """k-means cluster id (0..k-1) of every row: MiniBatchKMeans fitted on at most
+    :data:`KMEANS_FIT_ROWS` rows, then all rows assigned ``chunk`` at a time.
 
-def suggest_to_label(
-    vectors: npt.ArrayLike,
-    n: int,
-    exclude: npt.ArrayLike | Sequence[int] = (),
-    seed: int = 0,
-) -> IntArray:
-    """Rows worth labelling next: one per region of the embedding space, unlabelled regions first.
-
-    k-means with ``n`` clusters plus one per already-labelled row (capped at 8n, so a large
-    import cannot make it slow) splits the space finer as labels accumulate; clusters are ranked
-    by how many labelled rows they hold (fewest first), then by size, and each of the first ``n``
-    gives its nearest unlabelled row. With nothing labelled this is "the image nearest to each
-    of n k-means centres": one typical image per region instead of n near-duplicates of the
-    commonest kind, so a handful of labels already covers most classes.
+    The vectors are L2-normalised, so Euclidean k-means groups by cosine similarity, the same
+    notion of "alike" the search uses. A memory-mapped array is read in chunks rather than
+    copied whole. ``k`` is capped at the number of rows; the result is fixed for a seed.
     """
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import MiniBatchKMeans
 
-    x = l2_normalize(_as_features(vectors, "vectors"))
-    taken = np.zeros(x.shape[0], dtype=bool)
-    taken[np.asarray(exclude, dtype=np.int64)] = True
-    n = min(int(n), int((~taken).sum()))
-    if n <= 0:
-        return np.zeros(0, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    fit = x if x.shape[0] <= SUGGEST_FIT_ROWS else x[rng.choice(x.shape[0], SUGGEST_FIT_ROWS, replace=False)]
-    k = min(n + int(taken.sum()), 8 * n, fit.shape[0])
-    km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(fit)
-    assigned = km.predict(x)
-    size = np.bincount(assigned, minlength=k)
-    labelled = np.bincount(assigned[taken], minlength=k)
-    order = np.lexsort((-size, labelled))  # last key is primary: fewest labelled, then largest
-    chosen: list[int] = []
-    for cluster in order[:n]:
-        # Rows are unit vectors, so the nearest row to a centre is the one with the largest dot product.
-        sims = np.where(taken, -np.inf, x @ km.cluster_centers_[cluster].astype(np.float32))
-        best = int(np.argmax(sims))
-        chosen.append(best)
-        taken[best] = True
-    return np.asarray(chosen, dtype=np.int64)
+    data = vectors if hasattr(vectors, "shape") else np.asarray(vectors, dtype=np.float32)
+    if len(data.shape) != 2 or data.shape[0] == 0:
+        raise ValueError(f"k-means needs a non-empty 2-D array of vectors, got shape {tuple(data.shape)}")
+    n = int(data.shape[0])
+    k = max(1, min(int(k), n))
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[:KMEANS_FIT_ROWS])
+    sample = np.ascontiguousarray(data[rows], dtype=np.float32)
+    model = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=3, random_state=seed).fit(sample)
+    out = np.empty(n, dtype=np.int64)
+    for start in range(0, n, chunk):
+        out[start:start + chunk] = model.predict(np.ascontiguousarray(data[start:start + chunk], dtype=np.float32))
+    return out

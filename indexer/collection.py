@@ -12,6 +12,7 @@ projection under new names and commits by replacing the manifest. The steps are 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import shutil
@@ -112,7 +113,7 @@ def describe_recipe(recipe: dict[str, Any]) -> str:
         text += f", recall@10 {recall:.3f}"
         if recipe.get("measured_queries"):
             text += f" on {recipe['measured_queries']} held-out queries"
-    if recipe.get("latency_p50_ms") is not None:
+    if recipe.get("latency_p50_ms") is not None and recipe.get("latency_p99_ms") is not None:
         text += f", p50 {recipe['latency_p50_ms']:.2f} ms / p99 {recipe['latency_p99_ms']:.2f} ms per query"
     if recipe.get("note"):
         text += f" ({recipe['note']})"
@@ -166,12 +167,63 @@ def in_shard(relpath: str, shard: tuple[int, int] | None) -> bool:
 
 
 def _open_part(directory: Path, part: dict[str, Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.load(directory / part["ids"], allow_pickle=False)
-    if part["count"] == 0:
-        return ids, np.zeros((0, dim), dtype=np.float32)
-    vectors = np.memmap(directory / part["file"], dtype=part.get("dtype", "float32"), mode="r",
-                        shape=(part["count"], dim))
-    return ids, vectors
+    """A vectors file and its ids, checked against the manifest before use: a truncated or
+    swapped file is refused here with its name rather than read as wrong vectors."""
+    ids_path, vec_path = directory / part["ids"], directory / part["file"]
+    count = int(part["count"])
+    try:
+        ids = np.load(ids_path, allow_pickle=False)
+    except FileNotFoundError:
+        raise store.damaged(ids_path, "is missing", store.DATA_HINT) from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise store.damaged(ids_path, f"cannot be read ({store.one_line(exc)})", store.DATA_HINT) from None
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) != count:
+        raise store.damaged(ids_path, f"holds {getattr(ids, 'dtype', '?')} {getattr(ids, 'shape', '?')}, the "
+                            f"manifest expects {count} item ids", store.DATA_HINT)
+    dtype = np.dtype(part.get("dtype") or "float32")
+    expected = count * dim * dtype.itemsize
+    try:
+        size = vec_path.stat().st_size
+    except FileNotFoundError:
+        raise store.damaged(vec_path, "is missing", store.DATA_HINT) from None
+    if size != expected:
+        raise store.damaged(vec_path, f"has {size:,} bytes, the manifest expects {expected:,} ({count} vectors of "
+                            f"{dim} {dtype.name}){' (truncated?)' if size < expected else ''}", store.DATA_HINT)
+    if count == 0:
+        return ids.astype(np.int64), np.zeros((0, dim), dtype=np.float32)
+    try:
+        vectors = np.memmap(vec_path, dtype=dtype, mode="r", shape=(count, dim))
+    except (OSError, ValueError) as exc:
+        raise store.damaged(vec_path, f"cannot be read ({store.one_line(exc)})", store.DATA_HINT) from None
+    return ids.astype(np.int64), vectors
+
+
+def _load_index(path: Path, dim: int, count: int | None = None) -> Any:
+    """The FAISS index file, checked to hold ``count`` vectors of ``dim`` (when given)."""
+    try:
+        index = ann.load_index(path)
+    except RuntimeError as exc:
+        if not path.exists():
+            raise store.damaged(path, "is missing", store.DATA_HINT) from None
+        detail = store.one_line(str(exc).rsplit("Error: ", 1)[-1])
+        raise store.damaged(path, f"is not an index FAISS can read ({detail})", store.DATA_HINT) from None
+    if index.d != dim:
+        raise store.damaged(path, f"indexes {index.d}-d vectors, the collection has {dim}", store.DATA_HINT)
+    if count is not None and index.ntotal != count:
+        raise store.damaged(path, f"holds {index.ntotal} vectors for {count} indexed items", store.DATA_HINT)
+    return index
+
+
+def _load_projection(path: Path, dim: int) -> Projection:
+    """The map file, checked to fit vectors of ``dim``."""
+    import zipfile
+
+    try:
+        return Projection.load(path, dim)
+    except FileNotFoundError:
+        raise store.damaged(path, "is missing", store.DATA_HINT) from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise store.damaged(path, f"cannot be read ({store.one_line(exc)})", store.DATA_HINT) from None
 
 
 class _LiveVectors:
@@ -183,6 +235,7 @@ class _LiveVectors:
 
     def __init__(self, directory: Path, parts: Sequence[dict[str, Any]], dim: int, live: np.ndarray) -> None:
         self.dim = dim
+        self.live = live  # the ids asked for; ``ids`` are those of them found in the parts
         self.blocks: list[tuple[np.ndarray, np.ndarray]] = []  # (rows in part, memmap)
         id_list = []
         for part in parts:
@@ -222,8 +275,37 @@ class _LiveVectors:
 # --------------------------------------------------------------------------------------------
 
 
+class _Moved(store.CollectionError):
+    """Writers committed twice while a reader was opening: its manifest's rows may be gone."""
+
+
 class Collection:
-    """A read-only view of one committed generation of a collection directory."""
+    """A read-only view of one committed generation of a collection directory.
+
+    Every answer comes from the one generation read on :meth:`open`, completely, however many
+    updates commit meanwhile; a reader asks for newer data with :meth:`reload`. The three
+    kinds of state are pinned when the object is made:
+
+    * data files (vectors, index, map, the model): opened or loaded at once. The writer deletes
+      files two generations old, but an open file (or a memory map) stays readable after its
+      name is gone; the model file is held open and loaded from that handle on first use.
+    * ``items.sqlite`` rows and thumbnails: read inside one SQLite read transaction begun right
+      after the manifest was read (a WAL snapshot), so rows that later updates remove or add
+      are neither lost nor seen. It is begun only once the manifest is known to be at most one
+      commit old (rows visible at generation g are deleted only after g+2 commits), otherwise
+      opening starts again.
+    * ``len``: the manifest's count, checked at open against the rows and vectors it names.
+
+    The cost of the snapshot: while an old reader stays open, SQLite cannot fold the writes of
+    later updates from the ``-wal`` file into the main file, so the WAL grows by what those
+    updates wrote until the reader is closed (or garbage-collected); long-lived holders (the
+    app's cache) keep a few generations at most. People's labels (:meth:`user_labels`) live
+    outside generations and are always read fresh.
+
+    Damage (a manifest field of the wrong type, a truncated or missing file, rows that do not
+    match the manifest, a model that disagrees with it) raises :class:`indexer.store.CollectionError`
+    with one line naming the file and the problem, on open rather than on some later search.
+    """
 
     def __init__(self, directory: Path, manifest: dict[str, Any], *, device: str = "auto") -> None:
         self.directory = directory
@@ -231,37 +313,83 @@ class Collection:
         self.generation: int = int(manifest["generation"])
         self.dim: int = int(manifest["dim"])
         self.device = device
-        self._conn = store.connect(directory, readonly=True)
         self._model: EmbeddingModel | None = None
+        self._model_fh: Any = None
         self._vectors: _LiveVectors | None = None
         self._projection: Projection | None = None
-        index_entry = manifest.get("index") or {}
-        self.recipe: dict[str, Any] = index_entry.get("recipe") or {}
-        index = ann.load_index(directory / index_entry["file"])
-        self.searcher = ann.Searcher(index, self.recipe.get("params"), use_gpu=device != "cpu")
-        # Open every data file now: a writer deletes files two generations old, so a reader that
-        # opened them lazily much later could find them gone; open files stay readable.
-        self._live()
-        _ = self.projection
+        self._labels_conn: sqlite3.Connection | None = None
+        index_entry = manifest["index"]
+        self.recipe: dict[str, Any] = index_entry["recipe"]
+        self._conn = store.connect(directory, readonly=True)
+        try:
+            self._pin(index_entry)
+        except BaseException:
+            self.close()
+            raise
+
+    def _pin(self, index_entry: dict[str, Any]) -> None:
+        """Begin the snapshot and open every data file of this generation (see the class doc)."""
+        d = self.directory
+        db = d / store.ITEMS_DB
+        try:
+            store.begin_snapshot(self._conn)
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as exc:  # "no such table: items", a malformed file
+            raise store.damaged(db, exc) from None
+        lacking = sorted({"items", "thumbnails", "user_labels"} - tables)
+        if lacking:
+            raise store.damaged(db, f"lacks the table {lacking[0]}")
+        now = int(store.read_manifest(d)["generation"])
+        if now > self.generation + 1:
+            raise _Moved(f"{d} moved from generation {self.generation} to {now} while opening")
+        model_path = d / self.manifest["model_file"]
+        try:
+            self._model_fh = open(model_path, "rb")  # noqa: SIM115 - held open for the object's life
+        except FileNotFoundError:
+            raise store.damaged(model_path, "is missing") from None
+        except OSError as exc:
+            raise store.damaged(model_path, exc.strerror or exc) from None
+        try:
+            live = self._live()
+            counted = int(self.manifest["counts"]["indexed"])
+            if len(live.live) != counted:
+                raise store.damaged(db, f"holds {len(live.live)} indexed items of generation {self.generation}, "
+                                    f"{store.MANIFEST} says {counted} (copied without its -wal file?)")
+            if len(live) != len(live.live):
+                raise store.damaged(d / self.manifest["vectors"][-1]["file"], f"the vectors files hold "
+                                    f"{len(live)} of the {len(live.live)} indexed items", store.DATA_HINT)
+        except sqlite3.DatabaseError as exc:
+            raise store.damaged(db, exc) from None
+        index = _load_index(d / index_entry["file"], self.dim, len(live))
+        self.searcher = ann.Searcher(index, self.recipe.get("params"), use_gpu=self.device != "cpu")
+        entry = self.manifest.get("projection")
+        if entry:
+            self._projection = _load_projection(d / entry["file"], self.dim)
 
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], *, device: str = "auto") -> Collection:
-        """Open the current generation. Retries when a writer commits while we open (the files
-        of the manifest we read may be replaced under us); never blocks on a writer."""
+        """Open the current generation. Starts again when writers commit while we open (the
+        files and rows of the manifest we read may go); never blocks on a writer. A damaged
+        collection raises :class:`indexer.store.CollectionError` with one line."""
         path = Path(directory)
         if not path.is_dir():
             raise store.CollectionError(f"collection not found: {path}")
-        last: Exception | None = None
+        last: store.CollectionError | None = None
         for _ in range(5):
             manifest = store.read_manifest(path)
             try:
                 return cls(path, manifest, device=device)
-            except (FileNotFoundError, RuntimeError, sqlite3.OperationalError) as exc:
+            except store.CollectionError as exc:
+                # Damage, or a race: files named by a manifest two commits old are deleted by
+                # the writer. Only a manifest that has moved on since tells the two apart.
+                if not isinstance(exc, _Moved) and \
+                        int(store.read_manifest(path)["generation"]) == int(manifest["generation"]):
+                    raise
                 last = exc
                 time.sleep(0.05)
-        raise store.CollectionError(f"cannot open {path}: {last}")
+        raise store.CollectionError(f"cannot open {path}: writers keep committing ({last})")
 
     def reload(self) -> Collection:
         """This collection if still current, else the newly committed generation."""
@@ -271,7 +399,14 @@ class Collection:
         return Collection.open(self.directory, device=self.device)
 
     def close(self) -> None:
-        self._conn.close()
+        """Let go of the snapshot, the connections and the model file (reads fail afterwards)."""
+        for conn in (self._conn, self._labels_conn):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    store.end_snapshot(conn)
+                conn.close()
+        if self._model_fh is not None:
+            self._model_fh.close()
 
     def __enter__(self) -> Collection:
         return self
@@ -293,9 +428,17 @@ class Collection:
 
     @property
     def model(self) -> EmbeddingModel:
-        """The model that made the vectors (queries must use the same one); loaded on first use."""
+        """The model that made the vectors (queries must use the same one); loaded on first use,
+        from the file held open since :meth:`open`, and checked to be the manifest's model."""
         if self._model is None:
-            self._model = EmbeddingModel(self.directory / self.manifest["model_file"], device=self.device)
+            path = self.directory / self.manifest["model_file"]
+            model = EmbeddingModel(path, device=self.device, data=_read_whole(self._model_fh.fileno()))
+            if model.sha256 != self.manifest["model"]["sha256"]:
+                raise store.damaged(path, f"is not the model that made the vectors (sha256 {model.sha256[:12]}, "
+                                    f"{store.MANIFEST} says {self.manifest['model']['sha256'][:12]})")
+            if model.dim != self.dim:
+                raise store.damaged(path, f"embeds {model.dim}-d vectors, the collection holds {self.dim}-d ones")
+            self._model = model
         return self._model
 
     def _rows(self, where: str, params: dict[str, Any] | None = None) -> list[sqlite3.Row]:
@@ -318,8 +461,8 @@ class Collection:
     def _live(self) -> _LiveVectors:
         if self._vectors is None:
             live = np.array([r[0] for r in self._conn.execute(
-                f"SELECT id FROM items WHERE status='ok' AND {store.visible()}", {"gen": self.generation})],
-                dtype=np.int64)
+                f"SELECT id FROM items WHERE status='ok' AND {store.visible()} ORDER BY id",
+                {"gen": self.generation})], dtype=np.int64)
             self._vectors = _LiveVectors(self.directory, self.manifest["vectors"], self.dim, live)
         return self._vectors
 
@@ -348,13 +491,18 @@ class Collection:
                     r["sha256"])
 
     def thumbnail(self, item_id: int) -> bytes | None:
-        """The stored JPEG thumbnail of an item (no need to decode the original)."""
-        row = self._conn.execute("SELECT jpeg FROM thumbnails WHERE id = ?", (int(item_id),)).fetchone()
+        """The stored JPEG thumbnail of an item of this generation (None for other ids)."""
+        row = self._conn.execute(
+            f"SELECT t.jpeg FROM thumbnails t JOIN items USING (id) WHERE id = :id AND {store.visible()}",
+            {"id": int(item_id), "gen": self.generation}).fetchone()
         return bytes(row[0]) if row else None
 
     def user_labels(self) -> dict[str, str]:
-        """Labels set by people (in the app), by relative path; they survive updates and rebuilds."""
-        return {r["path"]: r["label"] for r in self._conn.execute("SELECT path, label FROM user_labels")}
+        """Labels set by people (in the app), by relative path; they survive updates and rebuilds.
+        Read outside the generation's snapshot, so a label just set is seen at once."""
+        if self._labels_conn is None:
+            self._labels_conn = store.connect(self.directory, readonly=True)
+        return {r["path"]: r["label"] for r in self._labels_conn.execute("SELECT path, label FROM user_labels")}
 
     def set_user_label(self, path: str, label: str | None) -> None:
         """Set (or with None clear) a person's label for a file."""
@@ -371,14 +519,15 @@ class Collection:
                                  [(path,) for path, label in labels.items() if label is None])
                 conn.executemany("INSERT OR REPLACE INTO user_labels (path, label, updated_ns) VALUES (?, ?, ?)",
                                  [(path, label, now) for path, label in labels.items() if label is not None])
+        except sqlite3.OperationalError as exc:  # SQLite opens a file it may not write read-only, silently
+            raise store.CollectionError(f"cannot save labels in {self.directory / store.ITEMS_DB}: "
+                                        f"{store.one_line(exc)} (read-only storage or no write permission?)") from None
         finally:
             conn.close()
 
     @property
     def projection(self) -> Projection | None:
-        entry = self.manifest.get("projection")
-        if self._projection is None and entry:
-            self._projection = Projection.load(self.directory / entry["file"])
+        """The 2-D map of this generation (loaded on open), or None when it has none."""
         return self._projection
 
     def coords(self) -> npt.NDArray[np.float32]:
@@ -397,7 +546,10 @@ class Collection:
         rows = self._conn.execute(
             f"SELECT id, path, label FROM items WHERE id IN ({','.join('?' * len(pairs))})", [i for i, _ in pairs])
         meta = {r["id"]: (r["path"], r["label"]) for r in rows}
-        return [Hit(i, meta[i][0], s, meta[i][1]) for i, s in pairs if i in meta]
+        lost = [i for i, _ in pairs if i not in meta]
+        if lost:  # the index and the rows disagree: say so rather than return fewer hits
+            raise store.damaged(self.directory / store.ITEMS_DB, f"has no row for indexed item {lost[0]}")
+        return [Hit(i, meta[i][0], s, meta[i][1]) for i, s in pairs]
 
     def search_vector(self, vector: npt.ArrayLike, k: int = 10) -> list[Hit]:
         """The k most similar items to an embedding (normalised here, so any scale works)."""
@@ -543,6 +695,8 @@ class _Writer:
         assert image_root is not None
         if model_path is None:
             model_path = d / prev["model_file"] if prev else default_model()
+            if prev and not model_path.is_file():
+                raise store.damaged(model_path, "is missing", "give the model with --model, or " + store.REBUILD_HINT)
         model = EmbeddingModel(model_path, device=self.device, threads=self.threads)
         if prev is not None and prev["model"]["sha256"] != model.sha256 and not rebuild:
             raise store.CollectionError(
@@ -550,21 +704,28 @@ class _Writer:
                 f"{prev['model']['props'].get('moco.arch', '?')}); {model_path} is {model.sha256[:12]}: vectors of "
                 "two models cannot be mixed; rerun with --rebuild to re-embed everything")
         full = rebuild or prev is None
+        if not full:
+            self._check_previous(prev, model)  # before embedding anything: fail in a second, not in an hour
         try:
             refs = scan_images(image_root)
-        except (FileNotFoundError, NotADirectoryError) as exc:
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             raise store.CollectionError(str(exc)) from None
         refs = [r for r in refs if in_shard(r.relpath, self.shard)]
         if not refs and prev is None:
             raise NothingIndexed(f"no image files ({', '.join(sorted(e.lstrip('.') for e in _exts()))}) under "
                                  f"{image_root}{' in this shard' if self.shard else ''}")
 
-        conn = store.connect(d)
+        conn = store.connect(d, create=full)
         try:
             store.rollback_uncommitted(conn, gen_prev)
             vis = {"gen": gen_prev}
             old = {r["path"]: r for r in conn.execute(
                 f"SELECT id, path, size, mtime_ns, sha256, status FROM items WHERE {store.visible()}", vis)}
+            if not full:  # rows lost (an emptied or replaced items.sqlite) would be re-added as new items
+                have = sum(r["status"] == "ok" for r in old.values())
+                if have != prev["counts"]["indexed"]:  # type: ignore[index]
+                    raise store.damaged(d / store.ITEMS_DB, f"holds {have} indexed items of generation {gen_prev}, "
+                                        f"{store.MANIFEST} says {prev['counts']['indexed']}")  # type: ignore[index]
             if full:
                 old_for_diff: dict[str, sqlite3.Row] = {}
                 removed_ids = [r["id"] for r in old.values()]
@@ -592,6 +753,20 @@ class _Writer:
         store.remove_unreferenced(d, new_manifest, prev or {})
         store.forget_removed(d, gen_prev)
         return summary
+
+    def _check_previous(self, prev: dict[str, Any], model: EmbeddingModel) -> None:
+        """The previous generation's files that an incremental run reuses exist and fit; damage
+        is reported now, with ``--rebuild`` (which reuses none of them) as the way out."""
+        d = self.directory
+        if model.dim != prev["dim"]:
+            raise store.damaged(d / store.MANIFEST, f"'dim' is {prev['dim']} but its model embeds {model.dim}-d "
+                                "vectors", store.DATA_HINT)
+        for part in prev["vectors"]:
+            _open_part(d, part, model.dim)
+        for key in ("index", "projection"):
+            entry = prev.get(key)
+            if entry and not (d / entry["file"]).is_file():
+                raise store.damaged(d / entry["file"], "is missing", store.DATA_HINT)
 
     def _diff(self, refs: list[ImageRef], old: dict[str, sqlite3.Row]
               ) -> tuple[list[ImageRef], list[int], list[tuple[int, int, int]]]:
@@ -751,7 +926,7 @@ class _Writer:
             same = old_recipe.factory == recipe.factory or (
                 self.index_spec == "auto" and old_recipe.exact and bool(old_recipe.note))
             if same and len(live) <= 2 * max(old_n, 1):
-                index = ann.load_index(self.directory / prev["index"]["file"])
+                index = _load_index(self.directory / prev["index"]["file"], live.dim, len(prev_ids))
                 indexed = prev_ids
                 gone = np.setdiff1d(indexed, live.ids)
                 new = np.setdiff1d(live.ids, indexed)
@@ -765,12 +940,25 @@ class _Writer:
 
     def _projection(self, prev: dict[str, Any] | None, full: bool, live: _LiveVectors) -> Projection:
         if not full and prev and prev.get("projection"):
-            proj = Projection.load(self.directory / prev["projection"]["file"]).keep(live.ids)
+            proj = _load_projection(self.directory / prev["projection"]["file"], live.dim).keep(live.ids)
             new = np.setdiff1d(live.ids, proj.ids)
             if len(new):
                 proj = proj.extend(new, live[np.searchsorted(live.ids, new)])
             return proj
         return fit_projection(live.ids, live, fit_max=self.fit_max)
+
+
+def _read_whole(fd: int) -> bytes:
+    """All bytes of an open file, by offset (no shared file position, so threads may share ``fd``)."""
+    size = os.fstat(fd).st_size
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, min(size - offset, 1 << 30), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _exts() -> list[str]:

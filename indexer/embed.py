@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,13 +23,16 @@ import numpy.typing as npt
 from PIL import Image
 
 from indexer.images import (
+    DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_PIXELS,
     THUMBNAIL_SIZE,
     ImageDecodeError,
     apply_resize,
     load_rgb,
     load_rgb_bytes,
+    open_regular_file,
     parse_resize_recipe,
+    read_image,
     thumbnail_jpeg,
     to_uint8_array,
 )
@@ -48,9 +50,17 @@ class ModelError(ValueError):
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Content hash of a file (the model's identity, and a file's when size/mtime changed)."""
+    """Content hash of a file (the model's identity, and a file's when size/mtime changed).
+
+    Opened through :func:`indexer.images.open_regular_file`: an image replaced by a FIFO of the
+    same name would otherwise block ``update`` forever. Anything but a readable regular file
+    is an ``OSError``."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    try:
+        fh = open_regular_file(path)
+    except ImageDecodeError as exc:
+        raise OSError(_text(str(exc))) from None
+    with fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -96,15 +106,28 @@ def cuda_usable() -> bool:
         ort.set_default_logger_severity(2)
 
 
+MODEL_FORMAT_VERSION = 1
+"""The newest ``moco.format_version`` of Contract 2 this indexer reads."""
+
+
+def _shape(shape: Sequence[Any]) -> str:
+    """An ORT shape for people: [N,32,32,3], symbolic or unknown sizes by name or '?'."""
+    return "[" + ",".join(str(s) if s is not None else "?" for s in shape) + "]"
+
+
 class EmbeddingModel:
     """An ONNX embedding model of Contract 2: uint8 [N,S,S,3] in, L2-normalised [N,D] out."""
 
     def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", threads: int | None = None,
-                 spin: bool | None = None) -> None:
+                 spin: bool | None = None, data: bytes | None = None) -> None:
+        """Load and check a model. ``data``: the file's bytes, read by a caller that holds the file
+        open because its name may be gone by now (a reader of an older collection generation);
+        ``path`` then only names it in messages."""
         import onnxruntime as ort
 
         self.path = Path(path)
-        if not self.path.is_file():
+        self._data_sha256 = hashlib.sha256(data).hexdigest() if data is not None else None
+        if data is None and not self.path.is_file():
             raise ModelError(f"model not found: {self.path}")
         if device not in ("auto", "cpu", "cuda"):
             raise ModelError(f"--device must be auto, cpu or cuda, got {device!r}")
@@ -125,7 +148,8 @@ class EmbeddingModel:
             spin = os.environ.get("INDEXER_ORT_SPIN") == "1"
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            self.session = ort.InferenceSession(str(self.path) if data is None else data, options,
+                                                providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises several types for bad files
             raise ModelError(f"{self.path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
         self.props: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -134,19 +158,62 @@ class EmbeddingModel:
             raise ModelError(f"{self.path} lacks the metadata {', '.join(missing)}; export it with "
                              "'python -m exports CHECKPOINT -o MODEL.onnx'")
         try:
+            version = int(self.props["moco.format_version"])
             self.image_size = int(self.props["moco.image_size"])
             self.dim = int(self.props["moco.embedding_dim"])
             self.resize = self.props["moco.resize"]
             self.short_side = parse_resize_recipe(self.resize)["short_side"]
         except ValueError as exc:
             raise ModelError(f"{self.path}: bad moco.* metadata: {exc}") from None
-        inputs = self.session.get_inputs()
-        self.input_name = inputs[0].name
+        if version > MODEL_FORMAT_VERSION:
+            raise ModelError(f"{self.path} is a model of format {version}, newer than this indexer reads "
+                             f"({MODEL_FORMAT_VERSION}); upgrade the indexer")
+        if self.image_size < 1 or self.dim < 1:
+            raise ModelError(f"{self.path}: bad moco.* metadata: image size {self.image_size}, "
+                             f"embedding dimension {self.dim}")
+        self.input_name = self.session.get_inputs()[0].name
         self.providers = self.session.get_providers()
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """Check the graph's real input and output against the metadata (Contract 2).
+
+        Why: everything downstream trusts ``moco.image_size`` and ``moco.embedding_dim`` (the
+        decoder resizes to S, the index is made for D). A model whose metadata disagrees with
+        its graph would fail at the first batch or, worse, build a collection of vectors of
+        another width than its manifest says. Static shapes are compared directly; where the
+        graph leaves a size open, one probe image of the declared size is run through it.
+        """
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        s, d = self.image_size, self.dim
+        if len(inputs) != 1 or not outputs:
+            raise ModelError(f"{self.path}: expected one input (uint8 [N,{s},{s},3]) and an output "
+                             f"[N,{d}], the graph has {len(inputs)} inputs and {len(outputs)} outputs")
+        x, y = inputs[0], outputs[0]
+        if x.type != "tensor(uint8)" or len(x.shape) != 4 or y.type not in ("tensor(float)", "tensor(float16)") \
+                or len(y.shape) != 2:
+            raise ModelError(f"{self.path}: the graph takes {x.type} {_shape(x.shape)} and gives {y.type} "
+                             f"{_shape(y.shape)}; Contract 2 is uint8 [N,{s},{s},3] in, float32 [N,{d}] out")
+        checks = (((None, s, s, 3), x.shape, "takes images of shape"), ((None, d), y.shape, "gives vectors of shape"))
+        for want, got, what in checks:
+            static = [(g, w) for g, w in zip(got, want) if w is not None and isinstance(g, int)]
+            if any(g != w for g, w in static):
+                raise ModelError(f"{self.path}: the metadata says moco.image_size {s} and moco.embedding_dim {d}, "
+                                 f"but the graph {what} {_shape(got)}; re-export the model")
+        if all(isinstance(g, int) for g in (*x.shape[1:], y.shape[1])):
+            return
+        try:
+            out = self.embed(np.zeros((1, s, s, 3), dtype=np.uint8))
+        except Exception as exc:  # noqa: BLE001 - ORT raises several types for a shape it refuses
+            raise ModelError(f"{self.path}: the graph does not run on a [1,{s},{s},3] image as moco.image_size "
+                             f"says: {str(exc).splitlines()[0]}") from None
+        if out.shape != (1, d):
+            raise ModelError(f"{self.path}: the metadata says moco.embedding_dim {d}, but the graph gives "
+                             f"vectors of shape {list(out.shape)}; re-export the model")
 
     @functools.cached_property
     def sha256(self) -> str:
-        return file_sha256(self.path)
+        return self._data_sha256 or file_sha256(self.path)
 
     def embed(self, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """Embed a uint8 [N,S,S,3] batch; float32 [N,D]."""
@@ -180,40 +247,32 @@ class Decoded:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_bytes(path: Path) -> bytes:
-    """Read a file; map OS errors to the same reasons load_rgb gives."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError:
-        load_rgb(path)  # raises the right ImageDecodeError (broken symlink, permission denied ...)
-        raise
+def _text(message: str) -> str:
+    """Error text safe to store and print: undecodable name bytes (surrogates) as \\udcNN."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def decode_file(path: Path, resize: str, short_side: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                thumbnail_size: int = THUMBNAIL_SIZE) -> Decoded:
-    """Read, hash, decode (JPEG draft to ``short_side``), thumbnail and resize one file.
+                thumbnail_size: int = THUMBNAIL_SIZE, max_aspect: float = DEFAULT_MAX_ASPECT) -> Decoded:
+    """Open, identify, decode (JPEG draft to ``short_side``), hash, thumbnail and resize one file.
 
-    The file is read once: the same bytes are hashed (for ``update``) and decoded. Every
-    failure becomes ``reason``/``error``; nothing raises, so one bad file never stops a build.
+    Through :func:`indexer.images.read_image`, the one decoding path: the file is opened once
+    (never a FIFO or device), identified from its first bytes (a 2 GB non-image costs one 8 kB
+    read) and decoded from the handle; only a file that decoded is hashed to the end (1 MB
+    chunks, for ``update``). Memory is bounded by the model's input, whatever the file's size or
+    shape. Every failure becomes ``reason``/``error``; nothing raises, so one bad file never
+    stops a build.
     """
     try:
-        data = _read_bytes(path)
-        digest = hashlib.sha256(data).hexdigest()
-        if not data:
-            raise ImageDecodeError("empty file", "0 bytes", str(path))
-        img = load_rgb_bytes(data, min_side=short_side, max_pixels=max_pixels)
-        with Image.open(io.BytesIO(data)) as header:  # the original size, before draft scaling
-            width, height = header.size
-            if header.getexif().get(0x0112) in (5, 6, 7, 8):  # stored sideways: report as shown
-                width, height = height, width
-        thumbnail = thumbnail_jpeg(img, thumbnail_size, file_size=(width, height))
-        array = to_uint8_array(apply_resize(img, resize))
-        return Decoded(array=array, width=width, height=height, sha256=digest, thumbnail=thumbnail)
+        loaded = read_image(path, min_side=short_side, max_pixels=max_pixels, max_aspect=max_aspect, sha256=True)
+        thumbnail = thumbnail_jpeg(loaded.image, thumbnail_size, file_size=(loaded.width, loaded.height))
+        array = to_uint8_array(apply_resize(loaded.image, resize))
+        return Decoded(array=array, width=loaded.width, height=loaded.height, sha256=loaded.sha256,
+                       thumbnail=thumbnail)
     except ImageDecodeError as exc:
-        return Decoded(reason=exc.reason, error=f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason)
+        return Decoded(reason=exc.reason, error=_text(f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason))
     except Exception as exc:  # noqa: BLE001 - anything else is still "this file is bad"
-        return Decoded(reason="corrupt", error=f"{type(exc).__name__}: {exc}")
+        return Decoded(reason="corrupt", error=_text(f"{type(exc).__name__}: {exc}"))
 
 
 def embed_files(

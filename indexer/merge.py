@@ -17,7 +17,6 @@ import numpy as np
 
 from indexer import store
 from indexer.collection import BuildSummary, Collection, _Writer
-from indexer.embed import EmbeddingModel
 
 __all__ = ["merge_parts"]
 
@@ -30,9 +29,12 @@ def merge_parts(parts: list[Path], out: Path, *, index: str = "auto", device: st
     t0 = time.perf_counter()
     if not parts:
         raise store.CollectionError("merge needs at least one part collection")
-    opened = [Collection.open(p, device="cpu") for p in parts]
+    opened: list[Collection] = []
     try:
+        for p in parts:
+            opened.append(Collection.open(p, device="cpu"))
         _check_parts(parts, opened)
+        model = opened[0].model  # checked against the parts' manifests before anything is written
         options: dict[str, Any] = {"index": index, "device": device, "progress": progress}
         if projection_fit_max is not None:
             options["projection_fit_max"] = projection_fit_max
@@ -59,7 +61,6 @@ def merge_parts(parts: list[Path], out: Path, *, index: str = "auto", device: st
                 summary = BuildSummary()
                 part = _copy(out, gen, next_id, rows, opened, conn, summary)
                 store.crash_point("vectors-written")
-                model = EmbeddingModel(opened[0].directory / opened[0].manifest["model_file"], device="cpu")
                 writer.shard = None
                 manifest = writer._finish(conn, prev, model, opened[0].image_root, gen, True, part, summary)
             finally:

@@ -12,7 +12,7 @@ one ``.npz`` file, with no pickles.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +94,35 @@ class Projection:
         path.write_bytes(buf.getvalue())
 
     @classmethod
-    def load(cls, path: Path) -> Projection:
+    def load(cls, path: Path, dim: int | None = None) -> Projection:
+        """Read a map written by :meth:`save`, checking that its parts fit together (and, given
+        ``dim``, the collection's vectors): a damaged file raises ``ValueError`` naming the
+        problem instead of a shape error at the first ``place``."""
+        names = [f.name for f in fields(cls)]
         with np.load(path, allow_pickle=False) as data:
-            return cls(**{key: data[key] for key in data.files})
+            if not hasattr(data, "files"):
+                raise ValueError("is a single array, not a map (.npz)")
+            missing = [name for name in names if name not in data.files]
+            if missing:
+                raise ValueError(f"lacks {', '.join(missing)}")
+            proj = cls(**{name: data[name] for name in names})
+        d = proj.mean.shape[0] if proj.mean.ndim == 1 else -1
+        p = proj.components.shape[0] if proj.components.ndim == 2 else -1
+        m = len(proj.anchor_coords)
+        checks = [
+            (d >= 1 and proj.components.shape == (p, d),
+             f"PCA basis {proj.components.shape} for mean {proj.mean.shape}"),
+            (dim is None or d == dim, f"made for {d}-d vectors, the collection has {dim}"),
+            (proj.anchor_features.shape == (m, p),
+             f"anchor features {proj.anchor_features.shape}, expected ({m}, {p})"),
+            (proj.anchor_coords.shape == (m, 2), f"anchor coordinates {proj.anchor_coords.shape}"),
+            (proj.ids.ndim == 1 and proj.ids.dtype.kind in "iu", f"ids {proj.ids.dtype} {proj.ids.shape}"),
+            (proj.coords.shape == (len(proj.ids), 2), f"{proj.coords.shape} coordinates for {len(proj.ids)} ids"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ValueError(f"inconsistent map: {problem}")
+        return proj
 
 
 def fit_projection(

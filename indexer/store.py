@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import tempfile
 import time
@@ -35,12 +36,15 @@ __all__ = [
     "CollectionLocked",
     "WriterLock",
     "atomic_write_bytes",
+    "begin_snapshot",
     "connect",
+    "damaged",
     "crash_point",
     "forget_removed",
     "read_manifest",
     "remove_unreferenced",
     "rollback_uncommitted",
+    "validate_manifest",
     "write_manifest",
 ]
 
@@ -104,6 +108,21 @@ def crash_point(step: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``os.umask`` alone
+    can only be read by setting it, a race with other threads creating files meanwhile)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename durable: the directory entry itself must reach the disk."""
     fd = os.open(directory, os.O_RDONLY)
@@ -117,6 +136,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync and os.replace."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes 0600 files; a collection must be readable by whoever may read any other
+        # file of this user (an app or service run by another account), so 0666 less the umask.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -138,8 +160,27 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def one_line(text: object, limit: int = 1000) -> str:
+    """The first non-empty line of an error text (FAISS and SQLite messages can span many)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    first = lines[0] if lines else type(text).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+REBUILD_HINT = "build it again with 'python -m indexer build IMAGE_DIR --out NEW_DIR'"
+DATA_HINT = "re-embed it with 'python -m indexer update {dir} --rebuild'"
+"""For damaged vectors, index or map files: a rebuild reads none of them, only the manifest and rows."""
+
+
+def damaged(path: Path, problem: object, hint: str = REBUILD_HINT) -> CollectionError:
+    """The one wording for a collection file that is missing, unreadable or inconsistent: the
+    file, what is wrong with it, what to do; always one line."""
+    return CollectionError(f"{path}: {one_line(problem)}; the collection is damaged, "
+                           f"{hint.format(dir=path.parent)}")
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """Read and check ``manifest.json``; refuse newer formats with a clear message."""
+    """Read and check ``manifest.json``; refuse newer formats and damaged manifests with a clear message."""
     path = directory / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -147,13 +188,125 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise CollectionError(f"{directory} is not a collection (no {MANIFEST}); make one with "
                               f"'python -m indexer build IMAGE_DIR --out {directory}'") from None
     except (OSError, ValueError) as exc:
-        raise CollectionError(f"cannot read {path}: {exc}") from None
-    version = manifest.get("format_version")
-    if not isinstance(version, int):
+        raise CollectionError(f"cannot read {path}: {one_line(exc)}") from None
+    return validate_manifest(manifest, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest schema: checked once, on every read, so no command meets a wrong type later
+# --------------------------------------------------------------------------------------------
+
+_MISSING = object()
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+VECTOR_DTYPES = ("float32",)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and value == value  # noqa: PLR0124 - NaN check
+
+
+_CHECKS: dict[str, tuple[str, Any]] = {
+    # kind -> (what the message says is expected, predicate)
+    "positive": ("a whole number >= 1", lambda v: _is_int(v) and v >= 1),
+    "count": ("a whole number >= 0", lambda v: _is_int(v) and v >= 0),
+    "text": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
+    "name": ("a plain file name inside the collection", lambda v: isinstance(v, str) and _FILE_NAME.fullmatch(v)),
+    "object": ("an object", lambda v: isinstance(v, dict)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+    "sha256": ("64 hex digits", lambda v: isinstance(v, str) and _SHA256.fullmatch(v)),
+    "number": ("a number or null", lambda v: v is None or _is_number(v)),
+    "dtype": (f"one of {', '.join(VECTOR_DTYPES)}", lambda v: v in VECTOR_DTYPES),
+}
+
+
+def _field(obj: dict[str, Any], key: str, kind: str, path: Path, where: str = "", *, optional: bool = False) -> Any:
+    """``obj[key]`` checked against ``kind``; a missing or mistyped value names the key and the file."""
+    name = f"{where}.{key}" if where else key
+    value = obj.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        if optional:
+            return None
+        raise damaged(path, f"the key '{name}' is missing" if value is _MISSING else f"'{name}' is null")
+    want, ok = _CHECKS[kind]
+    if not ok(value):
+        raise damaged(path, f"'{name}' must be {want}, found {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
+    """Check every field a reader or writer uses (presence, type, range) in one place.
+
+    Why here: a manifest is the one file every command reads first, so a damaged or hand-edited
+    one is refused on open with a message that names the key and the file, instead of failing
+    later, somewhere, with a ``TypeError``. File names must be plain names, so a manifest can
+    never point a reader (or the writer's clean-up) at a file outside the collection.
+    """
+    if not isinstance(manifest, dict):
+        raise damaged(path, f"holds a JSON {type(manifest).__name__.replace('NoneType', 'null')}, not an object")
+    version = manifest.get("format_version", _MISSING)
+    if version is _MISSING:
         raise CollectionError(f"{path} has no format_version; it was not written by this indexer")
+    version = _field(manifest, "format_version", "positive", path)
     if version > FORMAT_VERSION:
-        raise CollectionError(f"{directory} uses collection format {version}, newer than this indexer "
+        raise CollectionError(f"{path.parent} uses collection format {version}, newer than this indexer "
                               f"({FORMAT_VERSION}); upgrade the indexer to read it")
+    _field(manifest, "generation", "positive", path)
+    for key in ("created", "updated", "image_root"):
+        _field(manifest, key, "text", path)
+    _field(manifest, "model_file", "name", path)
+    model = _field(manifest, "model", "object", path)
+    _field(model, "sha256", "sha256", path, "model")
+    props = _field(model, "props", "object", path, "model")
+    bad = [k for k, v in props.items() if not isinstance(v, str)]
+    if bad:
+        raise damaged(path, f"'model.props.{bad[0]}' must be a string, found {_show(props[bad[0]])}")
+    dim = _field(manifest, "dim", "positive", path)
+    model_dim = props.get("moco.embedding_dim")
+    if model_dim is not None and model_dim.strip() != str(dim):
+        raise damaged(path, f"'dim' is {dim} but its model's moco.embedding_dim is {model_dim!r}")
+    for i, part in enumerate(_field(manifest, "vectors", "list", path)):
+        where = f"vectors[{i}]"
+        if not isinstance(part, dict):
+            raise damaged(path, f"'{where}' must be an object, found {_show(part)}")
+        _field(part, "file", "name", path, where)
+        _field(part, "ids", "name", path, where)
+        _field(part, "count", "count", path, where)
+        _field(part, "dtype", "dtype", path, where, optional=True)
+    index = _field(manifest, "index", "object", path)
+    _field(index, "file", "name", path, "index")
+    _field(index, "spec", "text", path, "index", optional=True)
+    recipe = _field(index, "recipe", "object", path, "index")
+    for key in ("name", "factory"):
+        _field(recipe, key, "text", path, "index.recipe", optional=True)
+    for key in ("recall_at_10", "latency_p50_ms", "latency_p99_ms", "build_seconds"):
+        _field(recipe, key, "number", path, "index.recipe", optional=True)
+    params = _field(recipe, "params", "object", path, "index.recipe", optional=True) or {}
+    for key in params:
+        _field(params, key, "count", path, "index.recipe.params")
+    projection = _field(manifest, "projection", "object", path, optional=True)
+    if projection is not None:
+        _field(projection, "file", "name", path, "projection")
+        _field(projection, "fit_points", "count", path, "projection")
+    counts = _field(manifest, "counts", "object", path)
+    _field(counts, "indexed", "count", path, "counts")
+    _field(counts, "skipped", "count", path, "counts")
+    reasons = _field(counts, "skipped_by_reason", "object", path, "counts", optional=True) or {}
+    for key in reasons:
+        _field(reasons, key, "count", path, "counts.skipped_by_reason")
+    shard = manifest.get("shard")
+    if shard is not None and not (isinstance(shard, list) and len(shard) == 2 and all(map(_is_int, shard))
+                                  and 0 <= shard[0] < shard[1]):
+        raise damaged(path, f"'shard' must be null or [i, n] with 0 <= i < n, found {_show(shard)}")
     return manifest
 
 
@@ -213,7 +366,10 @@ class WriterLock:
         self._fh: Any = None
 
     def acquire(self) -> WriterLock:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise CollectionError(f"{self.directory} is a file, not a collection folder") from None
         fh = open(self.directory / LOCK_FILE, "a+")  # noqa: SIM115 - kept open while locked
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -250,20 +406,86 @@ class WriterLock:
 # --------------------------------------------------------------------------------------------
 
 
-def connect(directory: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open items.sqlite (WAL: readers never block the writer nor the other way round)."""
+def connect(directory: Path, *, readonly: bool = False, immutable: bool | None = None,
+            create: bool = True) -> sqlite3.Connection:
+    """Open items.sqlite: for the writer in WAL mode (readers never block it nor it them), for
+    readers (``readonly``) so that they never write, even on storage nobody may write to.
+
+    Readers open with ``mode=ro``. SQLite needs the ``-shm`` file beside a WAL database; on
+    read-only storage (a read-only mount, a directory without write permission, a copy made
+    without the ``-wal``/``-shm`` files) it cannot create it, and then the reader opens with
+    ``immutable=1``: the main file alone, without locks, right for files nobody changes. A
+    ``-wal`` file that exists there without its ``-shm`` may hold committed rows that
+    ``immutable`` would not see, so that case is refused rather than answered from stale rows.
+    ``immutable``: None (default) chooses as above, True forces it (tests, known read-only
+    media), False never uses it. Reader connections are in autocommit mode, so
+    :func:`begin_snapshot` alone decides how long their read transaction lasts.
+
+    ``create`` (writers): make missing tables. A writer that adds to existing rows passes False,
+    so a lost or emptied table is reported instead of silently recreated empty.
+    """
     path = directory / ITEMS_DB
-    if readonly:
-        if not path.exists():
-            raise CollectionError(f"{path} is missing; the collection is damaged, rebuild it with --rebuild")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=30)
-    else:
-        conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(SCHEMA)
-    conn.row_factory = sqlite3.Row
-    return conn
+    if not readonly:
+        if not create and not path.is_file():
+            raise damaged(path, "is missing")
+        try:
+            conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+            if not create:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                lacking = sorted({"items", "thumbnails", "user_labels"} - tables)
+                if lacking:
+                    conn.close()
+                    raise damaged(path, f"lacks the table {lacking[0]}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(SCHEMA)
+        except sqlite3.OperationalError as exc:
+            raise CollectionError(f"cannot write {path}: {one_line(exc)} (read-only storage or no write "
+                                  "permission? readers still work)") from None
+        except sqlite3.DatabaseError as exc:
+            raise damaged(path, exc) from None
+        conn.row_factory = sqlite3.Row
+        return conn
+    if not path.is_file():
+        raise damaged(path, "is missing")
+    last: Exception | None = None
+    for use_immutable in ([False, True] if immutable is None else [immutable]):
+        if use_immutable:
+            wal = directory / f"{ITEMS_DB}-wal"
+            if wal.exists() and wal.stat().st_size > 0 and not (directory / f"{ITEMS_DB}-shm").exists():
+                raise CollectionError(f"{wal} cannot be read without {ITEMS_DB}-shm on read-only storage; copy the "
+                                      "collection with both files, or let a writer open it once to fold them in")
+        uri = path.absolute().as_uri() + ("?mode=ro&immutable=1" if use_immutable else "?mode=ro")
+        try:
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            last = exc
+            continue
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens the file, the WAL, the -shm
+        except sqlite3.OperationalError as exc:  # cannot open the WAL here (read-only storage): next way
+            conn.close()
+            last = exc
+            continue
+        except sqlite3.DatabaseError as exc:  # not a database, malformed
+            conn.close()
+            raise damaged(path, exc) from None
+        conn.row_factory = sqlite3.Row
+        return conn
+    raise CollectionError(f"cannot open {path} for reading: {one_line(last)}")
+
+
+def begin_snapshot(conn: sqlite3.Connection) -> None:
+    """Pin what a reader connection sees: a read transaction whose WAL snapshot stays until the
+    connection closes (or :func:`end_snapshot`), however many writers commit meanwhile."""
+    conn.execute("BEGIN")
+    conn.execute("SELECT count(*) FROM items").fetchone()  # the snapshot starts at the first read
+
+
+def end_snapshot(conn: sqlite3.Connection) -> None:
+    """Let go of the snapshot (so SQLite may fold the WAL into the main file again)."""
+    if conn.in_transaction:
+        conn.execute("COMMIT")
 
 
 def visible(gen_param: str = ":gen") -> str:
@@ -274,7 +496,26 @@ def visible(gen_param: str = ":gen") -> str:
 def insert_items(conn: sqlite3.Connection, rows: list[tuple], thumbnails: list[tuple[int, bytes]]) -> None:
     """Add item rows and their thumbnails in one transaction. A row is (id, path, size, mtime_ns,
     sha256, label, width, height, status, reason, error, added_gen): the one place that column
-    order is written down, for builds, updates and merges alike."""
+    order is written down, for builds, updates and merges alike.
+
+    ``path`` and ``label`` are text keys (``ImageRef.relpath``/``label``: a file name that is not
+    valid UTF-8 has each undecodable byte as ``\\xNN``, see ``indexer.images.fs_to_text``), so
+    they are lossless and the next ``update`` finds the same key. A raw file-system name (a str
+    holding surrogate escapes, which SQLite refuses) is turned into that key here rather than
+    failing the whole build; ``reason``/``error`` are free text and get the same escapes."""
+    from indexer.images import fs_to_text
+
+    def text(value: Any, key: bool) -> Any:
+        if not isinstance(value, str) or value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return fs_to_text(value) if key else value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+
+    rows = [(r[0], text(r[1], True), *r[2:5], text(r[5], True), *r[6:9], text(r[9], False), text(r[10], False),
+             *r[11:]) for r in rows]
     with conn:
         conn.executemany("INSERT INTO items (id, path, size, mtime_ns, sha256, label, width, height, "
                          "status, reason, error, added_gen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
@@ -307,6 +548,9 @@ def forget_removed(directory: Path, generation: int) -> None:
             conn.execute("DELETE FROM thumbnails WHERE id IN (SELECT id FROM items WHERE removed_gen <= ?)",
                          (generation,))
             conn.execute("DELETE FROM items WHERE removed_gen <= ?", (generation,))
+        # Fold what no reader still needs into the main file without waiting for anyone, so a
+        # copy of the collection made without its -wal file (read-only media) is complete.
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
     finally:
         conn.close()
 

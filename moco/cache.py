@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from indexer.images import ImageDecodeError, ImageRef
+from indexer.images import ImageDecodeError, ImageRef, fs_to_text
 from moco.checkpoint import atomic_write_bytes
 from moco.data import decode_working
 
@@ -88,8 +88,10 @@ class DecodedCache:
 
 
 def cache_folder(root: Path, side: int, cache_dir: Path) -> Path:
-    key = hashlib.sha256(f"{root.resolve()}:{side}".encode()).hexdigest()[:16]
-    return cache_dir / f"{root.resolve().name}-{side}px-{key}"
+    # fsencode: a folder whose name is not valid UTF-8 keeps its exact bytes in the key; the
+    # folder's own name is shown as text (undecodable bytes as \xNN).
+    key = hashlib.sha256(os.fsencode(root.resolve()) + f":{side}".encode()).hexdigest()[:16]
+    return cache_dir / f"{fs_to_text(root.resolve().name)}-{side}px-{key}"
 
 
 def _read_index(folder: Path) -> dict[str, tuple[int, int, _Entry]]:

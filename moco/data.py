@@ -57,7 +57,12 @@ def open_folder(root: str | Path, *, classes: Sequence[str] | None = None) -> Im
         raise DataError(f"no such folder: {root}")
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
-    refs = scan_images(root)
+    # Odd entries (a FIFO named like an image, an unreadable sub-folder) are listed too: they fail
+    # to decode with their reason and so land in the run's skip summary, never silently dropped.
+    try:
+        refs = scan_images(root)
+    except PermissionError as exc:  # the root itself cannot be listed
+        raise DataError(str(exc)) from None
     if not refs:
         raise DataError(f"no images found in {root} (looked for jpg, jpeg, png, webp, bmp, tif, gif)")
     names = sorted({r.label for r in refs if r.label is not None}) if classes is None else list(classes)

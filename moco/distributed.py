@@ -72,17 +72,9 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on one: all ranks stop at the same step."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def any_ranks(*flags: bool, device: torch.device) -> tuple[bool, ...]:
-    """`any_rank` for several flags in one collective."""
+    """Each flag true on every rank when it is true on one, in one collective: all ranks stop and
+    save at the same step."""
     if not (dist.is_available() and dist.is_initialized()):
         return tuple(bool(f) for f in flags)
     value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)

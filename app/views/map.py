@@ -13,9 +13,11 @@ import numpy as np
 import numpy.typing as npt
 import streamlit as st
 
-from app import mapview, state
+from app import mapview, markup, state
 from app.components import Tile, tile_grid
+from indexer.analysis import kmeans_labels
 from indexer.collection import Collection
+from indexer.fewlabel import has_label
 
 CHART_KEY = "map_chart"
 NEIGHBOURS = 6
@@ -26,12 +28,12 @@ DEFAULT_CLUSTERS = 10
 @st.cache_resource(max_entries=4, show_spinner="Clustering the vectors…")
 def _clusters(directory: str, generation: int, k: int, _collection: Collection) -> npt.NDArray[np.int64]:
     # directory + generation + k are the cache key; the collection itself is not hashed.
-    return mapview.cluster_labels(_collection.vectors, k)
+    return kmeans_labels(_collection.vectors, k)
 
 
 def colour_groups(collection: Collection, labels: list[object]) -> tuple[npt.NDArray[np.object_], bool]:
     """The colour group of each item and whether the hover should name it (clusters only)."""
-    has_labels = any(mapview.has_label(label) for label in labels)
+    has_labels = any(has_label(label) for label in labels)
     options = ["label", "cluster"] if has_labels else ["cluster"]
     left, right = st.columns([2, 3])
     with left:
@@ -62,12 +64,13 @@ def show_item(item_id: int) -> None:
     thumb = collection.thumbnail(item_id)
     if thumb is not None:
         st.image(thumb, width=200)
-    st.markdown(f"`{row['path']}`  \nlabel **{row['label'] if mapview.has_label(row['label']) else 'none'}**")
+    label = markup.md(row["label"]) if has_label(row["label"]) else "none"
+    st.markdown(f"{markup.code(row['path'])}  \nlabel **{label}**")
     if st.button("Search with this image", key="map_search_selected", type="primary"):
         make_query(item_id)
     hits = collection.search_id(item_id, NEIGHBOURS)
     st.markdown(f"**Top {len(hits)} neighbours**")
-    tiles = [Tile(h.id, [f"**{h.score:.3f}** · {h.label or 'unlabeled'}"]) for h in hits]
+    tiles = [Tile(h.id, [f"**{h.score:.3f}** · {markup.md(h.label or 'unlabeled')}"]) for h in hits]
     clicked = tile_grid(collection, tiles, key="map_neighbours", columns=3)
     if clicked is not None:
         make_query(clicked)
@@ -78,8 +81,8 @@ def show_area(ids: list[int]) -> None:
     rows = table.frame.iloc[[table.position[i] for i in ids if i in table.position]]
     st.markdown(f"**{len(rows):,} images selected**")
     counts = rows["label"].fillna(mapview.NO_LABEL).value_counts()
-    st.caption(" · ".join(f"{name}: {count:,}" for name, count in counts.head(8).items()))
-    tiles = [Tile(int(r.id), [f"`{r.name}`"]) for r in rows.head(AREA_TILES).itertuples()]
+    st.caption(" · ".join(f"{markup.md(name)}: {count:,}" for name, count in counts.head(8).items()))
+    tiles = [Tile(int(r.id), [markup.code(r.name)]) for r in rows.head(AREA_TILES).itertuples()]
     clicked = tile_grid(collection, tiles, key="map_area", columns=3)
     if clicked is not None:
         make_query(clicked)
@@ -109,7 +112,8 @@ map_col, side_col = st.columns([3, 2], gap="medium")
 with map_col:
     event = st.plotly_chart(drawn.figure, key=CHART_KEY, on_select="rerun", selection_mode=("points", "box", "lasso"),
                             config={"scrollZoom": True, "displaylogo": False})
-    note = f"{drawn.caption}." + (f" ★ marks the query: `{query.title}`." if query is not None and query.xy else "")
+    note = f"{drawn.caption}." + (f" ★ marks the query: {markup.code(query.title)}." if query is not None and query.xy
+                                  else "")
     st.caption(note)
 with side_col:
     selection = mapview.read_selection(event.selection if event is not None else None, drawn.trace_ids)

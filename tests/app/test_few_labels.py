@@ -18,10 +18,10 @@ from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.element_tree import Button
 
 from app import fewlabels
-from indexer import analysis
-from indexer.analysis import LabelBudget
+from indexer import fewlabel
 from indexer.collection import Collection
-from tests.app.conftest import PER_CLASS, make_app
+from indexer.fewlabel import LabelBudget
+from tests.app.conftest import PER_CLASS, make_app, plain
 from tests.indexer.conftest import make_images, make_model
 
 PAGE = "views/few_labels.py"
@@ -82,13 +82,13 @@ def test_evaluation_shows_accuracy_curve_confusion_and_mistakes(collection_dir: 
     button(at, "Evaluate").click().run()
     assert not at.exception, at.exception
 
-    # The headline is exactly what indexer.analysis computes on the same vectors.
+    # The headline is exactly what indexer.fewlabel computes on the same vectors.
     with Collection.open(collection_dir) as collection:
         labels = [it.label for it in collection.items]
         rows = [i for i, lab in enumerate(labels) if lab]
         names = sorted({labels[i] for i in rows})
         y = np.array([names.index(labels[i]) for i in rows])
-        runs = analysis.few_label_predictions(collection.vectors[rows], y, budget=LabelBudget(per_class=2),
+        runs = fewlabel.few_label_predictions(collection.vectors[rows], y, budget=LabelBudget(per_class=2),
                                               seeds=(0, 1), classifier="logreg")
     expected = np.mean([r.accuracy for r in runs])
     assert [m.value for m in at.metric] == [f"{expected:.1%}"]
@@ -130,13 +130,13 @@ def test_evaluation_compares_classifiers_and_is_cached(collection_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     for name in ("few_label_predictions", "accuracy_curve"):
-        original = getattr(analysis, name)
+        original = getattr(fewlabel, name)
 
         def counted(*args: object, _original=original, _name=name, **kwargs: object) -> object:
             calls.append(_name)
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(analysis, name, counted)
+        monkeypatch.setattr(fewlabel, name, counted)
     at = open_page(collection_dir, monkeypatch)
     assert calls == []
     next(s for s in at.selectbox if s.label == "Classifier").set_value("label_propagation")
@@ -243,23 +243,24 @@ def test_csv_import_reports_unknown_paths_and_bad_files(collection_dir: Path, tm
     at = open_page(copy, monkeypatch, "Label interactively")
     at.file_uploader[0].set_value(("labels.csv", b"\x89PNG\r\n\x1a\n\x00\x00binary", "text/csv")).run()
     assert not at.exception, at.exception
-    assert len(at.error) == 1 and at.error[0].value.startswith("Cannot import labels.csv:")
+    assert len(at.error) == 1 and plain(at.error[0].value).startswith("Cannot import labels.csv:")
 
     good = b"path,label\nclass0/img00.jpg,red\nclass1/img01.png,green\nnope/missing.jpg,blue\n"
     at.file_uploader[0].set_value(("good.csv", good, "text/csv")).run()
     assert not at.exception, at.exception
     assert not at.error
-    message = " ".join(s.value for s in at.success)
+    message = " ".join(plain(s.value) for s in at.success)
     assert "Imported 2 labels" in message and "1 path not in the collection (e.g. nope/missing.jpg)" in message
     with Collection.open(copy) as reopened:
         assert reopened.user_labels() == {"class0/img00.jpg": "red", "class1/img01.png": "green"}
     assert at.download_button  # two classes now: the collection is classified
 
     at.file_uploader[0].set_value(("none.csv", b"path,label\nelsewhere/a.jpg,x\n", "text/csv")).run()
-    assert at.warning[0].value == "Imported 0 labels. 1 path not in the collection (e.g. elsewhere/a.jpg) skipped."
+    assert plain(at.warning[0].value) == ("Imported 0 labels. 1 path not in the collection (e.g. elsewhere/a.jpg) "
+                                          "skipped.")
 
     at.file_uploader[0].set_value(("wrong.csv", b"file,class\na,b\n", "text/csv")).run()
-    assert at.error[0].value == "Cannot import wrong.csv: the header must name the columns path and label " \
+    assert plain(at.error[0].value) == "Cannot import wrong.csv: the header must name the columns path and label " \
                                 "(found: file, class)"
 
 

@@ -209,13 +209,3 @@ def test_read_selection_finds_items_by_customdata_or_position() -> None:
     box = {"points": [{"curve_number": 0, "point_index": 0, "customdata": [10]}], "box": [{"x": [0, 1]}]}
     assert mapview.read_selection(box, trace_ids) == mapview.Selection([10], True)
     assert mapview.read_selection(None, trace_ids) == mapview.Selection([], False)
-
-
-def test_clusters_follow_the_vectors() -> None:
-    rng = np.random.default_rng(0)
-    centres = np.eye(8, dtype=np.float32)[:3] * 10
-    vectors = np.concatenate([c + rng.standard_normal((50, 8)).astype(np.float32) for c in centres])
-    clusters = mapview.cluster_labels(vectors, 3)
-    for block in range(3):
-        assert len(set(clusters[block * 50:(block + 1) * 50])) == 1
-    assert len(set(clusters)) == 3

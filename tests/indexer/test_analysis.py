@@ -1,20 +1,27 @@
-"""Tests for indexer.analysis: weighted kNN, few-label sampling and the classifier report."""
+"""Tests for indexer.analysis: weighted kNN, few-label sampling, the probes, label propagation,
+the classifier report and k-means clustering."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from indexer.analysis import (
+    class_scores,
     evaluate_features,
     few_label_top1,
+    kmeans_labels,
     knn_top1,
     l2_normalize,
+    label_propagation_scores,
     linear_probe_top1,
+    logistic_regression_scores,
     logistic_regression_top1,
     sample_few_labels,
+    subset_scores,
     weighted_knn_predict,
     weighted_knn_scores,
 )
@@ -159,3 +166,102 @@ def test_evaluate_features_keys() -> None:
     ]
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in report.values())
     assert report["knn_top1_std"] == 0.0 and report["linear_top1_std"] == 0.0
+
+
+def test_few_label_top1_refuses_bad_settings() -> None:
+    x, y = _clusters(10, n_classes=2)
+    with pytest.raises(ValueError, match="unknown classifier"):
+        few_label_top1(x, y, x, y, fraction=0.5, classifier="svm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="seed"):
+        few_label_top1(x, y, x, y, fraction=0.5, seeds=())
+    with pytest.raises(ValueError, match="fraction"):
+        few_label_top1(x, y, x, y, fraction=0.0)
+
+
+@pytest.mark.parametrize("classifier", ["knn", "logreg", "label_propagation"])
+def test_subset_scores_score_the_unlabelled_rows_or_the_queries(classifier: str) -> None:
+    x, y = _clusters(20, n_classes=3, noise=0.2, seed=4)
+    train = sample_few_labels(y, per_class=2, seed=0)
+    rest = np.setdiff1d(np.arange(y.size), train)
+    scores = subset_scores(x, y, train, classifier=classifier)  # type: ignore[arg-type]
+    assert scores.shape == (rest.size, 3)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.mean(scores.argmax(axis=1) == y[rest]) > 0.95
+    queries = subset_scores(x, y, train, x[:5], classifier=classifier, num_classes=6)  # type: ignore[arg-type]
+    assert queries.shape == (5, 6) and (queries[:, 3:] == 0).all()
+    assert (queries.argmax(axis=1) == y[:5]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inductive and transductive scores (moved with the classifiers from the few-label tests)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_class_scores_refuses_transductive_method() -> None:
+    x, y = _clusters(5, n_classes=2, seed=8)
+    with pytest.raises(ValueError, match="inductive"):
+        class_scores(x, y, x, method="label_propagation")
+
+
+def test_logistic_regression_scores_single_class_and_layout() -> None:
+    x, _ = _clusters(6, n_classes=2, seed=9)
+    scores = logistic_regression_scores(x, np.full(12, 2), x[:3], num_classes=4)
+    assert scores.tolist() == [[0.0, 0.0, 1.0, 0.0]] * 3
+    two = logistic_regression_scores(x, np.array([1] * 6 + [3] * 6), x)
+    assert two.shape == (12, 4) and (two[:, [0, 2]] == 0).all()
+    np.testing.assert_allclose(two.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_label_propagation_scores() -> None:
+    x, y = _clusters(25, n_classes=3, noise=0.2, seed=10)
+    partial = np.full(y.size, -1)
+    for c in range(3):
+        partial[np.flatnonzero(y == c)[0]] = c
+    dist = label_propagation_scores(x, partial)
+    assert dist.shape == (75, 3)
+    np.testing.assert_allclose(dist.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.mean(dist.argmax(axis=1) == y) > 0.95
+    labelled = partial >= 0
+    assert (dist[labelled].argmax(axis=1) == partial[labelled]).all()
+    single = label_propagation_scores(x, np.where(partial == 1, 1, -1), num_classes=3)
+    assert (single.argmax(axis=1) == 1).all()
+    with pytest.raises(ValueError):
+        label_propagation_scores(x, np.full(y.size, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# k-means
+# ---------------------------------------------------------------------------------------------
+
+
+def _blobs() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    centres = np.eye(8, dtype=np.float32)[:3] * 10
+    return np.concatenate([c + rng.standard_normal((50, 8)).astype(np.float32) for c in centres])
+
+
+def test_kmeans_labels_follow_the_vectors() -> None:
+    clusters = kmeans_labels(_blobs(), 3)
+    for block in range(3):
+        assert len(set(clusters[block * 50:(block + 1) * 50])) == 1
+    assert len(set(clusters)) == 3
+
+
+def test_kmeans_labels_are_stable_in_chunks_and_from_a_memory_map(tmp_path: Path) -> None:
+    vectors = _blobs()
+    whole = kmeans_labels(vectors, 3, seed=1)
+    assert whole.dtype == np.int64 and whole.shape == (150,)
+    assert (kmeans_labels(vectors, 3, seed=1) == whole).all()  # fixed for a seed
+    assert (kmeans_labels(vectors, 3, seed=1, chunk=7) == whole).all()
+    mapped = np.lib.format.open_memmap(tmp_path / "v.npy", mode="w+", dtype=np.float32, shape=vectors.shape)
+    mapped[:] = vectors
+    assert (kmeans_labels(mapped, 3, seed=1, chunk=16) == whole).all()
+    assert (kmeans_labels(vectors.tolist(), 3, seed=1) == whole).all()  # a plain list works too
+
+
+def test_kmeans_labels_caps_k_and_refuses_no_rows() -> None:
+    few = _blobs()[::50]  # one row per blob
+    assert sorted(kmeans_labels(few, 10).tolist()) == [0, 1, 2]
+    assert kmeans_labels(few, 0).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="non-empty"):
+        kmeans_labels(np.zeros((0, 8), np.float32), 3)

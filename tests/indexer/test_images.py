@@ -17,16 +17,23 @@ import pytest
 from PIL import Image, ImageFile
 
 from indexer.images import (
+    DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     ImageDecodeError,
     ImageRef,
+    LoadedImage,
     apply_resize,
+    fs_to_text,
     load_rgb,
     load_rgb_bytes,
+    open_regular_file,
     parse_resize_recipe,
+    read_image,
     resize_recipe,
+    resolve_relpath,
     scan_images,
+    text_to_fs,
     thumbnail_jpeg,
     to_uint8_array,
     working_size,
@@ -117,14 +124,16 @@ def test_permission_denied(tmp_path: Path) -> None:
 
 
 def test_permission_error_is_mapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Runs as root too (where chmod 0 does not stop reads): simulate the failing open().
-    from indexer import images
-
-    def deny(*args: object, **kwargs: object) -> None:
-        raise PermissionError(13, "Permission denied")
-
+    # Runs as root too (where chmod 0 does not stop reads): simulate the failing open() of this file.
     path = _write(tmp_path / "secret.png", _encode(_noise(), "PNG"))
-    monkeypatch.setattr(images, "open", deny, raising=False)
+    real_open = os.open
+
+    def deny(name: object, *args: object, **kwargs: object) -> int:
+        if os.fspath(name) == str(path):  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied")
+        return real_open(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", deny)
     assert _reason(path) == "permission denied"
 
 
@@ -408,3 +417,106 @@ def test_thumbnails_of_larger_or_draft_decoded_images_only_shrink() -> None:
     drafted = Image.new("RGB", (60, 45), "red")
     assert _jpeg_size_and_pixels(thumbnail_jpeg(drafted, file_size=(480, 360)))[0] == (60, 45)
     assert _jpeg_size_and_pixels(thumbnail_jpeg(drafted, file_size=(60, 45)))[0] == (120, 90)
+
+
+# ----------------------------------------------------------------------------------------------
+# Odd files and shapes (issue 15): special files, aspect ratio, resize memory, names
+# ----------------------------------------------------------------------------------------------
+
+
+def test_special_files_named_like_images_are_refused_unopened(tmp_path: Path) -> None:
+    import socket
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came: it must not be opened
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(fifo)
+    assert info.value.reason == "not a file" and "FIFO" in str(info.value)
+    with pytest.raises(ImageDecodeError, match="not a file"):
+        open_regular_file(fifo)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock.png"))
+        assert _reason(tmp_path / "sock.png") == "not a file"
+    assert _reason(Path("/dev/null")) == "not a file"  # a device
+
+
+def test_aspect_ratio_cap(tmp_path: Path) -> None:
+    assert DEFAULT_MAX_ASPECT == 50
+    ok = _write(tmp_path / "ok.png", _encode(Image.new("RGB", (500, 10)), "PNG"))
+    strip = _write(tmp_path / "strip.png", _encode(Image.new("RGB", (10, 501)), "PNG"))
+    assert load_rgb(ok).size == (500, 10)  # 50:1 is still a picture (the limit is inclusive)
+    assert _reason(strip) == "extreme aspect ratio"
+    with pytest.raises(ImageDecodeError, match="extreme aspect ratio"):
+        load_rgb_bytes(strip.read_bytes())  # uploads follow the same rule
+    assert load_rgb(strip, max_aspect=51).size == (10, 501)
+    assert _reason(ok, max_aspect=10) == "extreme aspect ratio"
+    with pytest.raises(ValueError):
+        load_rgb(ok, max_aspect=0.5)
+
+
+def test_read_image_gives_the_shown_size_and_the_files_hash(tmp_path: Path) -> None:
+    import hashlib
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown turned by 90 degrees
+    path = _write(tmp_path / "phone.jpg", _encode(_noise((800, 600)), "JPEG", exif=exif.tobytes()))
+    loaded = read_image(path, min_side=64, sha256=True)
+    assert (loaded.width, loaded.height) == (600, 800)  # the file's size as shown, not the draft's
+    assert loaded.image.size == (75, 100)  # decoded at 1/8 and turned upright
+    assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert read_image(path).sha256 is None  # hashed only when asked
+    assert isinstance(loaded, LoadedImage)
+
+
+def _resize_then_crop(img: Image.Image, short_side: int, crop: int) -> Image.Image:
+    """The reference arithmetic (torchvision's Resize(int) + CenterCrop), resizing the whole image."""
+    w, h = img.size
+    new = (short_side, max(short_side, int(short_side * h / w))) if w <= h else \
+        (max(short_side, int(short_side * w / h)), short_side)
+    if new != img.size:
+        img = img.resize(new, Image.Resampling.BICUBIC)
+    left, top = round((new[0] - crop) / 2.0), round((new[1] - crop) / 2.0)
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def test_apply_resize_is_the_reference_arithmetic_up_to_16_to_1() -> None:
+    rng = np.random.default_rng(1)
+    for trial in range(120):
+        image_size = int(rng.choice([32, 64, 224]))
+        short = int(rng.integers(1, 300))
+        long = int(rng.integers(short, short * 16 + 1))
+        size = (long, short) if trial % 2 else (short, long)
+        if size[0] * size[1] > 2_000_000:
+            continue
+        img = _noise(size, seed=trial)
+        expected = to_uint8_array(_resize_then_crop(img, working_size(image_size), image_size))
+        assert np.array_equal(to_uint8_array(apply_resize(img, resize_recipe(image_size))), expected), size
+
+
+def test_apply_resize_of_a_long_strip_is_its_centre_without_enlarging_it() -> None:
+    ramp = np.tile(np.linspace(0, 255, 4000).astype(np.uint8)[None, :, None], (20, 1, 3))  # 4000 x 20
+    img = Image.fromarray(ramp)
+    out = to_uint8_array(apply_resize(img, "short_side=73;center_crop=64"))
+    reference = to_uint8_array(_resize_then_crop(img, 73, 64))
+    assert out.shape == (64, 64, 3)
+    assert np.abs(out.astype(int) - reference).max() <= 2  # the same pixels, resampled from the centre only
+    assert 120 < out.mean() < 135  # the middle of the ramp
+
+
+def test_file_names_as_lossless_text() -> None:
+    assert fs_to_text("café/é.png") == "café/é.png"  # valid UTF-8 names are their own key
+    assert fs_to_text("a\\b.png") == "a\\b.png"  # so are names with a backslash that escapes nothing
+    raw = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: a lone surrogate in Python's str
+    assert fs_to_text(raw) == "caf\\xe9.png" and text_to_fs("caf\\xe9.png") == raw
+    assert fs_to_text("caf\\xe9.png") == "caf\\\\xe9.png"  # the literal name differs from the byte
+    assert resolve_relpath("/r", "d/caf\\xe9.png") == Path(os.fsdecode(b"/r/d/caf\xe9.png"))
+    rng = np.random.default_rng(0)
+    alphabet = ["\\", "x", "e", "9", "f", "a", "/", "é", os.fsdecode(b"\xe9"), os.fsdecode(b"\x80"),
+                os.fsdecode(b"\xff")]
+    keys: dict[str, str] = {}
+    for _ in range(5000):
+        name = "".join(alphabet[i] for i in rng.integers(0, len(alphabet), int(rng.integers(0, 8))))
+        text = fs_to_text(name)
+        text.encode("utf-8")  # valid: SQLite, JSON and terminals accept it
+        assert text_to_fs(text) == name
+        assert keys.setdefault(text, name) == name  # two names never share a key

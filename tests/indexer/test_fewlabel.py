@@ -1,5 +1,6 @@
-"""Tests for the few-label side of indexer.analysis: per-seed predictions, curves, confusion
-matrices, confidences and the choice of images to label next (used by the app's Few-label page)."""
+"""Tests for indexer.fewlabel, the few-label workflow: budgets, per-seed predictions, curves,
+confusion matrices, confidences, the choice of images to label next and the label predicate
+(used by the app's Few-label and Map pages)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,14 @@ import math
 import numpy as np
 import pytest
 
-from indexer.analysis import (
+from indexer.analysis import class_scores, few_label_top1, l2_normalize
+from indexer.fewlabel import (
     LabelBudget,
     accuracy_curve,
-    class_scores,
     classify_with_confidence,
     confusion_matrix,
     few_label_predictions,
-    l2_normalize,
-    label_propagation_scores,
-    logistic_regression_scores,
+    has_label,
     per_class_accuracy,
     suggest_to_label,
 )
@@ -110,6 +109,20 @@ def test_noise_gives_chance_accuracy_and_mistakes() -> None:
         assert cm.sum() - np.trace(cm) > 100  # plenty of off-diagonal mistakes to show
 
 
+def test_few_label_top1_is_the_mean_of_the_runs_on_a_test_set() -> None:
+    # The report (analysis.few_label_top1, what moco eval prints) and the page's per-seed runs
+    # score through the same code, so they give the same numbers.
+    x, y = _clusters([30, 20, 25], noise=1.2, seed=14)
+    xt, yt = _clusters([10, 10, 10], noise=1.2, seed=14)
+    for classifier in CLASSIFIERS:
+        runs = few_label_predictions(x, y, budget=LabelBudget(fraction=0.1), seeds=(0, 1, 2), classifier=classifier,
+                                     test_feats=xt, test_labels=yt)
+        accuracies = [run.accuracy for run in runs]
+        mean, std = few_label_top1(x, y, xt, yt, fraction=0.1, seeds=(0, 1, 2), classifier=classifier)
+        assert mean == pytest.approx(np.mean(accuracies)) and std == pytest.approx(np.std(accuracies))
+        assert 0.0 < mean < 1.0, classifier  # overlapping clusters: a real number, not a trivial one
+
+
 def test_budget_that_labels_everything_is_refused() -> None:
     x, y = _clusters([5, 5], seed=5)
     with pytest.raises(ValueError, match="nothing is left"):
@@ -175,38 +188,6 @@ def test_classify_with_confidence(method: str) -> None:
     assert np.mean(pred[confident] == y[confident]) >= np.mean(pred[~confident] == y[~confident])
 
 
-def test_class_scores_refuses_transductive_method() -> None:
-    x, y = _clusters([5, 5], seed=8)
-    with pytest.raises(ValueError, match="inductive"):
-        class_scores(x, y, x, method="label_propagation")
-
-
-def test_logistic_regression_scores_single_class_and_layout() -> None:
-    x, _ = _clusters([6, 6], seed=9)
-    scores = logistic_regression_scores(x, np.full(12, 2), x[:3], num_classes=4)
-    assert scores.tolist() == [[0.0, 0.0, 1.0, 0.0]] * 3
-    two = logistic_regression_scores(x, np.array([1] * 6 + [3] * 6), x)
-    assert two.shape == (12, 4) and (two[:, [0, 2]] == 0).all()
-    np.testing.assert_allclose(two.sum(axis=1), 1.0, rtol=1e-6)
-
-
-def test_label_propagation_scores() -> None:
-    x, y = _clusters([25, 25, 25], noise=0.2, seed=10)
-    partial = np.full(y.size, -1)
-    for c in range(3):
-        partial[np.flatnonzero(y == c)[0]] = c
-    dist = label_propagation_scores(x, partial)
-    assert dist.shape == (75, 3)
-    np.testing.assert_allclose(dist.sum(axis=1), 1.0, rtol=1e-5)
-    assert np.mean(dist.argmax(axis=1) == y) > 0.95
-    labelled = partial >= 0
-    assert (dist[labelled].argmax(axis=1) == partial[labelled]).all()
-    single = label_propagation_scores(x, np.where(partial == 1, 1, -1), num_classes=3)
-    assert (single.argmax(axis=1) == 1).all()
-    with pytest.raises(ValueError):
-        label_propagation_scores(x, np.full(y.size, -1))
-
-
 # ---------------------------------------------------------------------------------------------
 # Suggestions
 # ---------------------------------------------------------------------------------------------
@@ -235,3 +216,14 @@ def test_suggestions_when_few_candidates_remain() -> None:
     assert sorted(picked.tolist()) == [5, 6, 7]
     assert suggest_to_label(x, 3, exclude=np.arange(8)).size == 0
     assert suggest_to_label(x, 0).size == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The label predicate
+# ---------------------------------------------------------------------------------------------
+
+
+def test_has_label() -> None:
+    assert has_label("cat") and has_label(" ")
+    for missing in (None, float("nan"), np.nan, "", 0, b"cat"):
+        assert not has_label(missing), missing
