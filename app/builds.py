@@ -10,10 +10,11 @@ one job instead of fighting over the collection's writer lock.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app import jobs
+from app import jobs, roots
 from indexer import store
 
 __all__ = ["RECIPES", "BuildRequest", "FormError", "build_key", "check_build", "list_models", "start_build",
@@ -46,17 +47,6 @@ def list_models(workdir: Path) -> list[Path]:
     return sorted(folder.glob("*.onnx"), key=lambda p: (-p.stat().st_mtime, p.name))
 
 
-def check_images(text: str) -> Path:
-    if not text.strip():
-        raise FormError("Enter the folder of images to index.")
-    folder = Path(text.strip()).expanduser()
-    if not folder.exists():
-        raise FormError(f"No folder at {folder}.")
-    if not folder.is_dir():
-        raise FormError(f"{folder} is a file, not a folder of images.")
-    return folder.resolve()
-
-
 def check_name(text: str, images: Path) -> str:
     """A plain folder name (no path separators, no ``..``); empty means the image folder's name."""
     name = text.strip() or images.name
@@ -66,9 +56,16 @@ def check_name(text: str, images: Path) -> str:
     return name
 
 
-def check_build(images: str, name: str, model: Path | None, recipe: str, indexes: Path) -> BuildRequest:
-    """The form's fields, checked; :class:`FormError` says what to fix."""
-    folder = check_images(images)
+def check_build(images: str, name: str, model: Path | None, recipe: str, indexes: Path,
+                data_roots: Sequence[Path]) -> BuildRequest:
+    """The form's fields, checked; :class:`FormError` says what to fix.
+
+    ``data_roots`` are the folders the server allows (resolved, :func:`app.roots.allowed_roots`);
+    the image folder must lie inside one of them (:func:`app.roots.check_folder`)."""
+    try:
+        folder = roots.check_folder(images, data_roots)
+    except roots.PathRefused as exc:
+        raise FormError(str(exc)) from None
     out = (indexes / check_name(name, folder)).resolve()
     if (out / store.MANIFEST).is_file():
         raise FormError(f"A collection named {out.name} exists already: pick another name, or open it and "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
+from app import markup
 from app.jobs import Job
 from indexer.collection import Collection
 
@@ -18,7 +19,8 @@ STAGE_ICONS = {"pending": ":material/schedule:", "running": ":material/sync:",
 
 @dataclass(frozen=True)
 class Tile:
-    """One image in a grid: item id and the caption under it (markdown, one line each)."""
+    """One image in a grid: item id and the caption under it (markdown, one line each; text from
+    files or people goes through :mod:`app.markup` first)."""
 
     item_id: int
     caption: Sequence[str]
@@ -50,6 +52,6 @@ def job_stages(job: Job) -> None:
     """A background job's stages: done ones ticked with their time, the running one with its bar."""
     for stage in job.states:
         timing = f" · {stage.seconds:.0f} s" if stage.started is not None else ""
-        st.markdown(f"{STAGE_ICONS[stage.status]} {stage.label}{timing}")
-        if stage.status == "running":
-            st.progress(stage.fraction or 0.0, text=stage.line[-160:] or "starting…")
+        st.markdown(f"{STAGE_ICONS[stage.status]} {markup.md(stage.label)}{timing}")
+        if stage.status == "running":  # the child's own output line, which may name any file
+            st.progress(stage.fraction or 0.0, text=markup.md(stage.line[-160:]) if stage.line else "starting…")

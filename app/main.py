@@ -1,4 +1,8 @@
-"""Entry point: ``streamlit run app/main.py [-- --collection DIR]``.
+"""Entry point: ``streamlit run app/main.py [-- --collection DIR] [--data-root DIR ...]``.
+
+``--data-root`` (repeatable) names the folders a browser session may build collections from;
+without one the build form is not offered (:mod:`app.roots`). The server listens on 127.0.0.1
+unless ``--server.address`` says otherwise (``app/.streamlit/config.toml``).
 
 Chooses the collection (the ``--collection`` given, else a picker over ``indexes/``), and
 when there is none at all, opens the demo page that builds the built-in demo. Pages live in
@@ -16,7 +20,7 @@ if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/ on the pa
 
 import streamlit as st  # noqa: E402
 
-from app import state  # noqa: E402
+from app import markup, state  # noqa: E402
 from app.demo import DemoPaths  # noqa: E402
 
 VIEWS = Path(__file__).resolve().parent / "views"
@@ -29,7 +33,8 @@ def choose_collection() -> Path | None:
     """The collection for this session: ``--collection`` if given, else the sidebar picker."""
     if cfg.collection is not None:
         if not state.is_collection(cfg.collection):
-            st.error(f"No collection at {cfg.collection} (make one with: python -m indexer build IMAGE_DIR).")
+            st.error(f"No collection at {markup.code(cfg.collection)} "
+                     "(make one with: `python -m indexer build IMAGE_DIR`).")
             st.stop()
         return cfg.collection
     found = state.list_collections(cfg.indexes)
@@ -40,7 +45,8 @@ def choose_collection() -> Path | None:
     previous = state.selected_collection()
     index = names.index(previous.name) if previous is not None and previous.name in names else (
         names.index(demo_name) if demo_name in names else 0)
-    choice = st.sidebar.selectbox("Collection", names, index=index, help=f"collections under {cfg.indexes}/")
+    choice = st.sidebar.selectbox("Collection", names, index=index,
+                                  help=f"collections under {markup.code(cfg.indexes)}")
     return found[names.index(choice)]
 
 

@@ -25,6 +25,7 @@ import streamlit as st
 
 from indexer import store
 from indexer.collection import Collection
+from indexer.images import resolve_relpath
 
 DEFAULT_INDEXES = Path("indexes")
 
@@ -37,6 +38,8 @@ class AppConfig:
     indexes: Path
     workdir: Path
     demo_train_seconds: int | None
+    data_roots: tuple[Path, ...] = ()
+    """Folders a browser session may build collections from (``--data-root``, repeatable), as given."""
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:
@@ -47,12 +50,14 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     parser.add_argument("--indexes", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=Path("."))
     parser.add_argument("--demo-train-seconds", type=int, default=None)
+    parser.add_argument("--data-root", type=Path, action="append", default=[])
     args = list(sys.argv[1:] if argv is None else argv) + shlex.split(os.environ.get("MOCO_APP_ARGS", ""))
     known, _ = parser.parse_known_args(args)
     workdir = known.workdir.expanduser()
     indexes = known.indexes.expanduser() if known.indexes else workdir / DEFAULT_INDEXES
     collection = known.collection.expanduser() if known.collection else None
-    return AppConfig(collection, indexes, workdir, known.demo_train_seconds)
+    data_roots = tuple(root.expanduser() for root in known.data_root)
+    return AppConfig(collection, indexes, workdir, known.demo_train_seconds, data_roots)
 
 
 def config() -> AppConfig:
@@ -130,10 +135,10 @@ def safe_image_path(collection: Collection, relative: str) -> Path | None:
     Paths come from the collection's own database, but the app must never become a way to
     read an arbitrary file: ``..`` segments, absolute paths and symlinks leading out of the
     root are all refused (``None``)."""
-    root = collection.image_root.resolve()
     try:
-        candidate = (root / relative).resolve()
-    except (OSError, RuntimeError):
+        root = collection.image_root.resolve()
+        candidate = resolve_relpath(root, relative).resolve()  # a stored key, \xNN for odd name bytes
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte
         return None
     if not candidate.is_relative_to(root) or not candidate.is_file():
         return None

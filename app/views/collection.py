@@ -8,13 +8,14 @@ at all (a fresh clone) the page shows only the build form.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from app import builds, jobs, state
+from app import builds, jobs, markup, roots, state
 from app.components import job_stages
 from indexer import ann, store
 from indexer.collection import Collection, describe_recipe
@@ -33,8 +34,8 @@ def remember_job(key: str) -> None:
 def show_summary(collection: Collection) -> None:
     manifest = collection.manifest
     counts = manifest["counts"]
-    st.title(collection.directory.name)
-    st.caption(f"Collection `{collection.directory}` · images from `{collection.image_root}`")
+    st.title(markup.md(collection.directory.name))
+    st.caption(f"Collection {markup.code(collection.directory)} · images from {markup.code(collection.image_root)}")
     cells = st.columns(4)
     cells[0].metric("Indexed images", f"{counts['indexed']:,}")
     cells[1].metric("Skipped files", f"{counts['skipped']:,}")
@@ -77,7 +78,7 @@ def show_hardware(collection: Collection) -> None:
     try:
         providers = ", ".join(collection.model.providers)  # opened once per generation, shared with queries
     except ModelError as exc:
-        providers = f"cannot load the model: {exc}"
+        providers = f"cannot load the model: {markup.md(exc)}"
     gpus = ann.gpu_count()
     st.markdown(f"- embedding (ONNX Runtime): {providers}\n"
                 f"- search (FAISS): {gpus} GPU{'s' if gpus != 1 else ''} usable; a top-10 search runs on the "
@@ -106,7 +107,9 @@ def show_skipped(collection: Collection) -> None:
         return
     by_reason = Counter(s["reason"] or "unknown" for s in skipped)
     st.dataframe(pd.DataFrame(by_reason.most_common(), columns=["reason", "files"]), hide_index=True)
-    st.dataframe(pd.DataFrame(skipped, columns=["path", "reason", "error"]), hide_index=True, width="stretch")
+    rows = pd.DataFrame(skipped, columns=["path", "reason", "error"]).map(  # names as a file manager shows them
+        lambda v: markup.readable(v) if isinstance(v, str) else v)
+    st.dataframe(rows, hide_index=True, width="stretch")
 
 
 def show_update(collection: Collection) -> None:
@@ -123,33 +126,56 @@ def show_update(collection: Collection) -> None:
 
 
 def show_build_form(collection: Collection | None) -> None:
+    """The form, only when the server allows data roots; a typed folder is checked against them
+    (:mod:`app.roots`) before anything under it is read."""
     cfg = state.config()
+    st.subheader("Build a new collection")
+    allowed = data_roots(cfg.data_roots)
+    if not allowed:
+        st.caption(roots.DISABLED)
+        return
     models = builds.list_models(cfg.workdir)
     if collection is not None:
         models.append(collection.directory / collection.manifest["model_file"])
-    st.subheader("Build a new collection")
+    choices = [str(p) for p in roots.folder_choices(allowed)]
     with st.form("build_form"):
-        images = st.text_input("Image folder", key="build_images", placeholder="/path/to/photos",
-                               help="every image under it, recursively; a first-level sub-folder is the label")
+        chosen = st.selectbox("Image folder", choices, key="build_folder",
+                              help="an allowed folder or one of its sub-folders; every image under it, recursively, "
+                                   "is indexed, and a first-level sub-folder is the label")
+        typed = st.text_input("…or type a folder inside them", key="build_images",
+                              placeholder=f"e.g. {allowed[0] / 'photos'}, or photos (relative to {allowed[0]})",
+                              help="absolute, ~/…, or relative to the first allowed folder; links are followed, "
+                                   "and must stay inside an allowed folder")
         name = st.text_input("Collection name", key="build_name", placeholder="default: the folder's name",
-                             help=f"a new folder under {cfg.indexes}")
+                             help=f"a new folder under {markup.md(cfg.indexes)}")
         if models:
             model = st.selectbox("Model", models, key="build_model", format_func=lambda p: _model_name(p, collection))
         else:
             model = None
-            st.warning(f"No model in {cfg.workdir / 'models'}: export one with "
+            st.warning(f"No model in {markup.code(cfg.workdir / 'models')}: export one with "
                        "`python -m exports runs/NAME -o models/NAME.onnx`.")
         recipe = st.selectbox("Index", builds.RECIPES, key="build_recipe",
                               help="auto: exact search up to ~20k images, then IVF tuned to recall@10 ≥ 0.95")
         submitted = st.form_submit_button("Build", type="primary")
     if submitted:
         try:
-            request = builds.check_build(images, name, model, recipe, cfg.indexes)
+            request = builds.check_build(typed if typed.strip() else (chosen or ""), name, model, recipe,
+                                         cfg.indexes, allowed)
         except builds.FormError as exc:
-            st.error(str(exc))
+            st.error(markup.md(exc))
         else:
             builds.start_build(request)
             remember_job(builds.build_key(request.out))
+
+
+@st.cache_resource(show_spinner=False)
+def data_roots(given: tuple[Path, ...]) -> tuple[Path, ...]:
+    """The allowed roots, resolved once per server process; a missing one is said once, on
+    the server's console (the person who named it reads that), not to every browser session."""
+    usable, missing = roots.allowed_roots(given)
+    for root in missing:
+        print(f"app: --data-root {root} is not a folder; ignored", file=sys.stderr)
+    return usable
 
 
 def _model_name(path: Path, collection: Collection | None) -> str:
@@ -159,15 +185,15 @@ def _model_name(path: Path, collection: Collection | None) -> str:
 
 
 def draw_job(job: jobs.Job) -> None:
-    st.markdown(f"**{job.title}**")
+    st.markdown(f"**{markup.md(job.title)}**")
     job_stages(job)
     if job.status == "done":
         summary = [line for line in job.log if not line.startswith("$ ")][-4:]
-        st.success(f"{job.title}: done in {job.seconds:.0f} s. Choose it in the sidebar's collection list.")
+        st.success(f"{markup.md(job.title)}: done in {job.seconds:.0f} s. Choose it in the sidebar's collection list.")
         if summary:
             st.code("\n".join(summary), language=None)
     elif job.status in ("failed", "cancelled"):
-        st.error(job.error or f"{job.title}: {job.status}")
+        st.error(markup.md(job.error or f"{job.title}: {job.status}"))
         with st.expander("Output of the command"):
             st.code("\n".join(job.log), language=None)
 
@@ -198,7 +224,7 @@ def open_selected() -> Collection | None:
     try:
         return state.open_collection(directory)
     except (store.CollectionError, OSError, ValueError) as exc:
-        st.error(f"Cannot open {directory}: {exc}")
+        st.error(f"Cannot open {markup.code(directory)}: {markup.md(exc)}")
         return None
 
 

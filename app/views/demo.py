@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import demo, jobs, state
+from app import demo, jobs, markup, state
 from app.components import job_stages
 from app.jobs import Job
 
@@ -19,7 +19,7 @@ st.markdown(
     "There is no collection yet, so the app is building its **built-in demo**: the 1,797 handwritten "
     "digits that ship with scikit-learn, a short MoCo-v2 training on this computer's CPU, an ONNX export "
     "and a searchable collection with its map. It takes a few minutes once; the result is kept in "
-    f"`{paths.collection}`.  \nTo search your own photos instead, see the Collection page or run "
+    f"{markup.code(paths.collection)}.  \nTo search your own photos instead, see the Collection page or run "
     "`python -m indexer build YOUR_FOLDER`.")
 
 job = demo.start_demo(cfg.workdir, cfg.demo_train_seconds)
@@ -38,7 +38,7 @@ def progress() -> None:
         st.success("The demo is ready.")
         st.rerun(scope="app")
     elif current.status in ("failed", "cancelled"):
-        st.error(f"The demo build stopped: {current.error or current.status}. "
+        st.error(f"The demo build stopped: {markup.md(current.error or current.status)}. "
                  "Reload the page to try again; finished stages are kept.")
         with st.expander("Output of the last commands"):
             st.code("\n".join(current.log))

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import fewlabels, state
+from app import fewlabels, markup, state
 from app.components import Tile, tile_grid
-from indexer.analysis import LabelBudget
 from indexer.collection import Collection
+from indexer.fewlabel import LabelBudget
 
 EVALUATE, INTERACTIVE = "Evaluate with folder labels", "Label interactively"
 MISTAKES_SHOWN = 15
@@ -120,7 +120,8 @@ def show_mistakes(evaluation: fewlabels.Evaluation) -> None:
         return
     wrong = int((evaluation.runs[0].pred != evaluation.runs[0].truth).sum())
     st.caption(f"First seed: {wrong:,} wrong; the most confident mistakes first.")
-    tiles = [Tile(m.item_id, [f"true **{m.truth}**", f"predicted **{m.predicted}** ({m.confidence:.0%})"])
+    tiles = [Tile(m.item_id, [f"true **{markup.md(m.truth)}**",
+                              f"predicted **{markup.md(m.predicted)}** ({m.confidence:.0%})"])
              for m in found]
     clicked = tile_grid(collection, tiles, key=key("mistakes"), columns=5)
     if clicked is not None:
@@ -138,7 +139,7 @@ def evaluation_mode(labels: fewlabels.FolderLabels) -> None:
             evaluation = fewlabels.evaluate(collection, directory, collection.generation, settings.classifier,
                                             budget.per_class, budget.fraction, settings.n_seeds)
     except ValueError as exc:
-        st.error(f"Cannot evaluate: {exc}")
+        st.error(f"Cannot evaluate: {markup.md(exc)}")
         return
     show_headline(evaluation, budget)
     chosen = tuple(fewlabels.classifiers_for(len(labels.rows))) if settings.compare else (settings.classifier,)
@@ -170,7 +171,7 @@ def import_csv(frame: pd.DataFrame) -> None:
                 message = ("ok:" if report.saved else "warning:") + report.line()
             st.session_state[done] = (upload.file_id, message)
         kind, _, text = st.session_state[done][1].partition(":")
-        {"error": st.error, "warning": st.warning}.get(kind, st.success)(text)
+        {"error": st.error, "warning": st.warning}.get(kind, st.success)(markup.md(text))
 
 
 def label_suggestions(frame: pd.DataFrame, labelled: dict[int, str]) -> None:
@@ -188,7 +189,8 @@ def label_suggestions(frame: pd.DataFrame, labelled: dict[int, str]) -> None:
         return
     known = sorted(set(labelled.values()))
     st.caption("One image per region of the embedding space, regions without labels first. "
-               + (f"Labels so far: {', '.join(known)}." if known else "Type a label under each (or leave it empty)."))
+               + (f"Labels so far: {markup.md(', '.join(known))}." if known
+                  else "Type a label under each (or leave it empty)."))
     table = state.item_table(collection)
     with st.form(key("label-form"), border=False):
         for start in range(0, len(ids), COLUMNS):
@@ -197,7 +199,7 @@ def label_suggestions(frame: pd.DataFrame, labelled: dict[int, str]) -> None:
                     thumb = collection.thumbnail(item_id)
                     if thumb is not None:
                         st.image(thumb, width="stretch")
-                    st.caption(str(table.row(item_id)["path"]))
+                    st.caption(markup.md(table.row(item_id)["path"]))
                     st.text_input("Label", key=key(f"label:{item_id}"), placeholder="label",
                                   label_visibility="collapsed")
         submitted = st.form_submit_button("Save labels", type="primary")
@@ -220,7 +222,7 @@ def show_labels(labelled: dict[int, str]) -> None:
     if not labelled:
         return
     counts = pd.Series(list(labelled.values())).value_counts()
-    st.caption("Your labels: " + ", ".join(f"{name} ({count})" for name, count in counts.items()))
+    st.caption("Your labels: " + ", ".join(f"{markup.md(name)} ({count})" for name, count in counts.items()))
 
 
 def classification(frame: pd.DataFrame, labelled: dict[int, str]) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import state
+from app import markup, state
 from app.components import Tile, tile_grid
 from app.minimap import MiniMap, draw_background, with_star
 from app.query import MAX_UPLOAD_MB, UPLOAD_TYPES, UploadError, embed_upload
 
 PAGE_SIZE = 24
+UPLOAD_ROUND = "upload_round"
 
 collection = state.require_collection()
 table = state.item_table(collection)
@@ -17,8 +18,8 @@ frame = table.frame
 
 st.title("Neighbours")
 props = collection.manifest["model"]["props"]
-st.caption(f"{collection.directory.name}: {len(collection):,} images · model {props.get('moco.arch', '?')} "
-           f"at {props.get('moco.image_size', '?')} px")
+st.caption(f"{markup.md(collection.directory.name)}: {len(collection):,} images · "
+           f"model {markup.md(props.get('moco.arch', '?'))} at {markup.md(props.get('moco.image_size', '?'))} px")
 
 _ = collection.model  # load the ONNX session now (once per process), not on the first upload
 query = state.current_query(collection) or state.default_query(collection)
@@ -29,6 +30,9 @@ if query is None:
 
 def use_item(item_id: int) -> None:
     state.set_item_query(collection, item_id)
+    # The uploader still holds the earlier upload, and a browser does not report choosing the
+    # same file again: a new widget key empties it, so any later upload becomes the query.
+    st.session_state[UPLOAD_ROUND] = st.session_state.get(UPLOAD_ROUND, 0) + 1
     st.rerun()
 
 
@@ -54,15 +58,15 @@ with pick_col:
         page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="browse_page") if pages > 1 else 1
         shown = matches.iloc[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
         st.caption(f"{len(matches):,} images match" if pattern else f"{len(matches):,} images")
-        picked = tile_grid(collection, [Tile(int(r.id), [r.name]) for r in shown.itertuples()],
+        picked = tile_grid(collection, [Tile(int(r.id), [markup.md(r.name)]) for r in shown.itertuples()],
                            key="browse", columns=6, button="Use")
         if picked is not None:
             use_item(picked)
     else:
         upload = st.file_uploader(f"Find images like this one ({', '.join(UPLOAD_TYPES)}; up to {MAX_UPLOAD_MB} MB)",
-                                  type=list(UPLOAD_TYPES), key="upload")
-        # The uploader keeps its file across reruns: only a new file becomes the query, so
-        # clicking a neighbour afterwards is not undone by the same upload.
+                                  type=list(UPLOAD_TYPES), key=f"upload:{st.session_state.get(UPLOAD_ROUND, 0)}")
+        # The uploader keeps its file across reruns: only a new file becomes the query, so a
+        # rerun for another reason does not redo it (use_item empties the uploader instead).
         if upload is not None and st.session_state.get("upload_seen") != upload.file_id:
             st.session_state["upload_seen"] = upload.file_id
             try:
@@ -73,19 +77,20 @@ with pick_col:
                 st.session_state.pop("upload_error", None)
                 query = state.set_upload_query(collection, embedded.name, embedded.vector, embedded.thumbnail)
         if st.session_state.get("upload_error") and upload is not None:
-            st.error(st.session_state["upload_error"])
+            st.error(markup.md(st.session_state["upload_error"]))
 
 with query_col:
     st.subheader("Query")
     if query.thumbnail is not None:
         st.image(query.thumbnail, width=220)
-    source = "uploaded" if query.kind == "upload" else (f"label **{query.label}**" if query.label else "unlabeled")
-    st.markdown(f"`{query.title}`  \n{source}")
+    source = "uploaded" if query.kind == "upload" else (
+        f"label **{markup.md(query.label)}**" if query.label else "unlabeled")
+    st.markdown(f"{markup.code(query.title)}  \n{source}")
     if query.kind == "item" and st.toggle("Show the original", key="show_original"):
         # Only a file inside the collection's image folder is ever read (state.safe_image_path).
         original = state.safe_image_path(collection, query.title)
         if original is None:
-            st.caption("The original file is no longer in the image folder.")
+            st.caption("The original file is not in the image folder (moved, deleted, or a link to elsewhere).")
         else:
             st.image(str(original), width="stretch")
     if query.xy is not None:
@@ -99,7 +104,8 @@ else:
     hits = collection.search_vector(query.vector, k)
 
 st.subheader(f"Top {len(hits)} neighbours")
-tiles = [Tile(h.id, [f"**{h.score:.3f}** · {h.label or 'unlabeled'}", f"`{h.path.rsplit('/', 1)[-1]}`"]) for h in hits]
+tiles = [Tile(h.id, [f"**{h.score:.3f}** · {markup.md(h.label or 'unlabeled')}",
+                     markup.code(h.path.rsplit("/", 1)[-1])]) for h in hits]
 clicked = tile_grid(collection, tiles, key="hits", columns=5)
 if clicked is not None:
     use_item(clicked)

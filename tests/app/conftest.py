@@ -7,6 +7,7 @@ against exactly what ``python -m indexer build`` writes (thumbnails, projection,
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -42,3 +43,9 @@ def make_app(collection: Path | None, monkeypatch: pytest.MonkeyPatch, *extra: s
 @pytest.fixture()
 def app(collection_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     return make_app(collection_dir, monkeypatch)
+
+
+def plain(markdown: str) -> str:
+    """Escaped markdown as a person reads it: the pages escape every name and path they show
+    (app/markup.py), so a test compares what is read, not the escapes."""
+    return re.sub(r"\\(.)", r"\1", markdown).replace("\u2060", "")

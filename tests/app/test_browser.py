@@ -1,4 +1,6 @@
-"""End to end in a real headless Chromium: start the server, upload a query, see its neighbours.
+"""End to end in a real headless Chromium: start the server, upload a query, see its neighbours;
+names shown as written; and a browser session cannot build, list or view anything outside the
+folders the server was started with (``--data-root``), however the path is spelled.
 
 Uses Debian's chromium (``apt-get install chromium``, done by ``.ci/run``) driven by playwright;
 never a browser download. Without a browser the test is skipped, except where
@@ -17,10 +19,13 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.indexer.conftest import COLORS, picture
+from app import roots
+from indexer.collection import Collection
+from tests.indexer.conftest import COLORS, make_images, make_model, picture
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -46,14 +51,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture()
-def server(collection_dir: Path, tmp_path: Path) -> Iterator[str]:
+def start_server(log_path: Path, *app_args: str) -> Iterator[str]:
+    """``streamlit run app/main.py -- APP_ARGS`` on a free port; yields its URL, stops it after."""
     port = free_port()
-    log = (tmp_path / "streamlit.log").open("wb")
+    log = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.address", "127.0.0.1",
          "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--", "--collection", str(collection_dir)],
+         "--", *app_args],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -65,7 +70,7 @@ def server(collection_dir: Path, tmp_path: Path) -> Iterator[str]:
                         break
             except OSError:
                 pass
-            assert process.poll() is None, (tmp_path / "streamlit.log").read_text()
+            assert process.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "the server did not start within 60 s"
             time.sleep(0.3)
         yield url
@@ -75,24 +80,179 @@ def server(collection_dir: Path, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-def test_upload_in_a_real_browser_shows_neighbours(server: str, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture(scope="module")
+def server(collection_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The app on one collection, with no --data-root (so no build form)."""
+    yield from start_server(tmp_path_factory.mktemp("server") / "streamlit.log", "--collection", str(collection_dir))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def test_upload_in_a_real_browser_shows_neighbours(server: str, browser: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
 
     query = tmp_path / "my-query.png"
     picture(777, COLORS[2]).save(query)
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.goto(server)
-            expect(page.get_by_text("Top 10 neighbours")).to_be_visible(timeout=60_000)
-            page.locator("input[type=file]").set_input_files(str(query))
-            expect(page.get_by_text("my-query.png", exact=True)).to_be_visible(timeout=60_000)
-            results = page.get_by_role("button", name="Search this")
-            expect(results).to_have_count(10, timeout=30_000)
-            page.wait_for_timeout(500)  # let the thumbnails paint before the picture is taken
-            page.screenshot(path=str(ARTIFACTS / "neighbours-upload.png"), full_page=True)
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    try:
+        page.goto(server)
+        expect(page.get_by_text("Top 10 neighbours")).to_be_visible(timeout=60_000)
+        page.locator("input[type=file]").set_input_files(str(query))
+        expect(page.get_by_text("my-query.png", exact=True)).to_be_visible(timeout=60_000)
+        results = page.get_by_role("button", name="Search this")
+        expect(results).to_have_count(10, timeout=30_000)
+        page.wait_for_timeout(500)  # let the thumbnails paint before the picture is taken
+        page.screenshot(path=str(ARTIFACTS / "neighbours-upload.png"), full_page=True)
+        # Clicking a neighbour, then choosing the same file again, makes the upload the query again.
+        results.first.click()
+        expect(page.get_by_text("my-query.png", exact=True)).to_have_count(0, timeout=30_000)
+        page.locator("input[type=file]").set_input_files(str(query))
+        expect(page.get_by_text("my-query.png", exact=True)).to_be_visible(timeout=30_000)
+    finally:
+        page.close()
     assert (ARTIFACTS / "neighbours-upload.png").stat().st_size > 10_000
+
+
+def test_names_with_markdown_are_shown_as_written(server: str, browser: Any, tmp_path: Path) -> None:
+    """An upload's name is the sender's text: drawn exactly, in code and in running text."""
+    from playwright.sync_api import expect
+
+    name = "a`b` **c** _d_ $x$ :red[r] :smile: <b>e<i> [l](x) www.x.org me@x.org 1. #h.png"
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    picture(5, COLORS[0]).save(good / name)
+    (bad / name).write_bytes(b"not a picture")
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    try:
+        page.goto(server)
+        expect(page.get_by_text("Top 10 neighbours")).to_be_visible(timeout=60_000)
+        page.locator("input[type=file]").set_input_files(str(good / name))
+        expect(page.locator("code").filter(has_text=name)).to_have_count(1, timeout=30_000)
+        assert page.locator("code").filter(has_text=name).inner_text() == name
+        page.locator("input[type=file]").set_input_files(str(bad / name))
+        error = page.get_by_test_id("stAlertContentError")
+        expect(error).to_have_count(1, timeout=30_000)
+        shown = error.inner_text().strip().replace("\u2060", "")  # the invisible joiner that stops autolinks
+        assert shown == f"Cannot use {name}: it is not an image the app can read (jpg, png or webp)."
+        assert error.locator("a, b, strong, em, code, .katex").count() == 0, error.inner_html()
+    finally:
+        page.close()
+
+
+def test_without_a_data_root_the_build_form_is_absent(server: str, browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    try:
+        page.goto(f"{server}/collection")
+        expect(page.get_by_text("Building from the app is off")).to_be_visible(timeout=60_000)
+        assert page.get_by_role("button", name="Build").count() == 0
+        assert page.get_by_role("textbox", name="…or type a folder inside them", exact=True).count() == 0
+    finally:
+        page.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A server that allows one data root: nothing outside it can be built, listed or viewed
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """allowed/ (the data root: photos, a file, links out) beside outside/ (secrets), a collection
+    of allowed/photos that holds a link to a secret picture, and the server over them."""
+    base = tmp_path_factory.mktemp("guarded")
+    allowed, outside = base / "allowed", base / "outside"
+    photos = make_images(allowed / "photos", per_class=4)
+    make_images(outside / "secret-photos", per_class=2)
+    picture(99, COLORS[1]).save(outside / "secret.png")
+    (allowed / "file.jpg").write_bytes(b"not a folder")
+    (allowed / "link-out").symlink_to(outside / "secret-photos", target_is_directory=True)
+    (photos / "class0" / "innocent.png").symlink_to(outside / "secret.png")
+    workdir = base / "work"
+    model = make_model(workdir / "models" / "tiny.onnx")
+    Collection.build(photos, workdir / "indexes" / "photos", model=model, device="cpu", progress=False).close()
+    urls = start_server(base / "streamlit.log", "--workdir", str(workdir), "--data-root", str(allowed))
+    url = next(urls)
+    try:
+        yield {"url": url, "allowed": allowed, "outside": outside, "indexes": workdir / "indexes"}
+    finally:
+        urls.close()
+
+
+def test_a_browser_cannot_build_list_or_view_outside_the_data_roots(guarded: dict[str, Any], browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    allowed, outside = guarded["allowed"], guarded["outside"]
+    attempts = {  # typed path -> the one line the page answers
+        str(outside / "secret-photos"): roots.OUTSIDE,  # plain
+        str(outside / "secret.png"): roots.OUTSIDE,  # a file outside: no "is a file"
+        str(outside / "nothing"): roots.OUTSIDE,  # nothing: no "does not exist"
+        "/etc": roots.OUTSIDE,
+        str(allowed / "link-out"): roots.OUTSIDE,  # a link inside that leads out
+        "link-out": roots.OUTSIDE,  # the same, relative to the data root
+        "../outside/secret-photos": "'..' is not accepted: type the folder's own path, inside an allowed folder.",
+        f"{allowed}/%2e%2e/outside": "Type the folder as it is on disk: percent-encoded text (such as %2F) is "
+                                     "not accepted.",
+        "..%2Foutside%2Fsecret-photos": "Type the folder as it is on disk: percent-encoded text (such as %2F) is "
+                                        "not accepted.",
+        "file.jpg": f"{allowed / 'file.jpg'} is a file, not a folder of images.",  # inside: may be specific
+    }
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    try:
+        page.goto(f"{guarded['url']}/collection")
+        folder = page.get_by_role("combobox", name="Image folder")
+        expect(folder).to_be_visible(timeout=60_000)
+        folder.click()  # the list offers the root and its sub-folders, never the link that leads out
+        offered = [o.strip() for o in page.get_by_role("option").all_inner_texts()]
+        assert offered == [str(allowed.resolve()), str((allowed / "photos").resolve())]
+        page.keyboard.press("Escape")
+        for n, (typed, message) in enumerate(attempts.items()):
+            page.get_by_role("textbox", name="…or type a folder inside them", exact=True).fill(typed)
+            page.get_by_role("textbox", name="Collection name", exact=True).fill(f"attempt-{n}")
+            page.get_by_role("button", name="Build").click()
+            error = page.get_by_test_id("stAlertContentError")
+            expect(error).to_have_text(message, timeout=30_000)
+            if message == roots.OUTSIDE:
+                assert str(outside) not in page.locator("body").inner_text()  # (the typed box aside)
+        assert sorted(p.name for p in guarded["indexes"].iterdir()) == ["photos"]  # nothing was built
+        # The sidebar lists the collections under indexes/ only.
+        page.get_by_test_id("stSidebar").get_by_role("combobox").click()
+        assert [o.strip() for o in page.get_by_role("option").all_inner_texts()] == ["photos"]
+        page.keyboard.press("Escape")
+
+        # A picture of the collection that is a link to a file outside: its original is not shown.
+        page.goto(guarded["url"])
+        expect(page.get_by_text("Top 10 neighbours")).to_be_visible(timeout=60_000)
+        page.get_by_text("Pick from the collection", exact=True).click()
+        page.get_by_role("textbox", name="Filter by file name", exact=True).fill("innocent")
+        page.get_by_role("textbox", name="Filter by file name", exact=True).press("Enter")
+        expect(page.get_by_text("1 images match")).to_be_visible(timeout=30_000)
+        use = page.get_by_role("button", name="Use", exact=True)
+        expect(use).to_have_count(1, timeout=30_000)  # the earlier grid's buttons gone
+        use.click()
+        expect(page.locator("code").filter(has_text="class0/innocent.png")).to_be_visible(timeout=30_000)
+        images_before = page.get_by_role("img").count()
+        page.get_by_text("Show the original").click()
+        expect(page.get_by_text("The original file is not in the image folder")).to_be_visible(timeout=30_000)
+        assert page.get_by_role("img").count() == images_before
+
+        # Nor is anything reachable by a URL of the server itself.
+        for path in ("/media/..%2F..%2F..%2Fetc%2Fpasswd", "/app/static/..%2F..%2Fetc%2Fpasswd",
+                     f"/media/{outside / 'secret.png'}", "/component/..%2F..%2Fetc%2Fpasswd"):
+            response = page.request.get(guarded["url"] + path)
+            assert response.status != 200 or b"root:" not in response.body(), path
+    finally:
+        page.close()

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from app import builds, jobs, state
+from app import builds, jobs, roots, state
 from indexer.collection import Collection
-from tests.app.conftest import make_app
+from tests.app.conftest import make_app, plain
 from tests.indexer.conftest import add_bad_files, make_images, make_model, picture
 
 PAGE = "views/collection.py"
@@ -83,27 +83,61 @@ def test_counts_model_index_and_skipped_files(bad_collection: tuple[Path, dict[s
     assert [e.value for e in at.error] == []
 
 
-def test_without_a_collection_only_the_form_is_shown(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = _page(None, monkeypatch, f"--workdir={workdir}")
+def test_without_a_collection_only_the_form_is_shown(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    at = _page(None, monkeypatch, f"--workdir={workdir}", f"--data-root={tmp_path}")
     assert [t.value for t in at.title] == ["Collections"]
     assert not at.metric and not at.dataframe
     assert at.selectbox(key="build_model").options == ["tiny.onnx"]
 
 
+def test_without_a_data_root_there_is_no_build_form(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    at = _page(None, monkeypatch, f"--workdir={workdir}")
+    assert not at.text_input and not [b for b in at.button if b.label == "Build"]
+    assert [c.value for c in at.caption if "--data-root" in c.value] == [roots.DISABLED]
+    # A root that does not exist allows nothing either.
+    at = _page(None, monkeypatch, f"--workdir={workdir}", f"--data-root={tmp_path / 'missing'}")
+    assert not at.text_input and any(c.value == roots.DISABLED for c in at.caption)
+
+
+def test_the_form_offers_the_roots_and_their_sub_folders(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    (tmp_path / "a" / "cats").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "out").symlink_to(tmp_path / "b", target_is_directory=True)  # leads out of root a
+    at = _page(None, monkeypatch, f"--workdir={workdir}", f"--data-root={tmp_path / 'a'}")
+    a = (tmp_path / "a").resolve()
+    assert at.selectbox(key="build_folder").options == [str(a), str(a / "cats")]
+
+
 @pytest.mark.parametrize(("images", "name", "message"), [
-    ("/no/such/folder", "", "No folder at /no/such/folder."),
-    ("", "", "Enter the folder of images to index."),
-    ("{file}", "", "is a file, not a folder of images."),
-    ("{dir}", "../escape", "is not a plain folder name"),
-    ("{dir}", "a/b", "is not a plain folder name"),
+    ("/no/such/folder", "", roots.OUTSIDE),
+    ("{outside}", "", roots.OUTSIDE),
+    ("{outside}/secret.jpg", "", roots.OUTSIDE),
+    ("{root}/link-out", "", roots.OUTSIDE),
+    ("link-out", "", roots.OUTSIDE),
+    ("../outside", "", "'..' is not accepted"),
+    ("%2e%2e%2Foutside", "", "percent-encoded"),
+    ("{root}/file.jpg", "", "is a file, not a folder of images."),
+    ("nothing-here", "", "No readable folder at"),
+    ("", "../escape", "is not a plain folder name"),
+    ("{root}", "a/b", "is not a plain folder name"),
 ])
 def test_the_form_rejects_bad_input_with_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                   images: str, name: str, message: str) -> None:
-    (tmp_path / "file.jpg").write_bytes(picture_bytes())
-    at = _page(None, monkeypatch, f"--workdir={workdir}")
-    _submit(at, images.format(file=tmp_path / "file.jpg", dir=tmp_path), name)
-    assert len(at.error) == 1 and message in at.error[0].value
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "file.jpg").write_bytes(picture_bytes())
+    (outside / "secret.jpg").write_bytes(picture_bytes())
+    (root / "link-out").symlink_to(outside, target_is_directory=True)
+    at = _page(None, monkeypatch, f"--workdir={workdir}", f"--data-root={root}")
+    _submit(at, images.format(root=root, outside=outside), name)
+    assert len(at.error) == 1 and message in plain(at.error[0].value)
     assert "Traceback" not in at.error[0].value
+    if message == roots.OUTSIDE:
+        assert str(outside) not in at.error[0].value
     assert "collection_page_jobs" not in at.session_state  # no job was started
 
 
@@ -116,8 +150,8 @@ def picture_bytes() -> bytes:
 def test_a_build_from_the_form_runs_in_the_background_and_makes_a_collection(
         workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     images = make_images(tmp_path / "holiday", per_class=3)
-    at = _page(None, monkeypatch, f"--workdir={workdir}")
-    _submit(at, str(images), "holiday")
+    at = _page(None, monkeypatch, f"--workdir={workdir}", f"--data-root={tmp_path}")
+    _submit(at, "holiday", "holiday")  # relative to the data root
     out = workdir / "indexes" / "holiday"
     job = jobs.get(builds.build_key(out))
     assert job is not None, "the form started no job"
@@ -132,11 +166,16 @@ def test_a_build_from_the_form_runs_in_the_background_and_makes_a_collection(
     assert "holiday" in at.sidebar.selectbox[0].options  # the picker lists the new collection
     _submit(at, str(images), "holiday")  # the same name again is refused
     assert "exists already" in at.error[0].value
+    at.text_input(key="build_images").input("")  # the chosen folder from the list, when nothing is typed
+    at.selectbox(key="build_folder").select(str(images.resolve()))
+    _submit(at, "", "holiday-2")
+    second = jobs.get(builds.build_key(workdir / "indexes" / "holiday-2"))
+    assert second is not None and second.wait(60) and second.status == "done", second and second.error
 
 
 def test_a_failed_build_shows_its_error_line(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "empty").mkdir()
-    at = _page(None, monkeypatch, f"--workdir={workdir}")
+    at = _page(None, monkeypatch, f"--workdir={workdir}", f"--data-root={tmp_path}")
     _submit(at, str(tmp_path / "empty"), "nothing-here")
     job = jobs.get(builds.build_key(workdir / "indexes" / "nothing-here"))
     assert job is not None and job.wait(60)
@@ -183,10 +222,15 @@ def test_update_button_embeds_new_files(tmp_path: Path, monkeypatch: pytest.Monk
 def test_check_build_returns_absolute_paths_under_the_indexes_folder(tmp_path: Path) -> None:
     model = make_model(tmp_path / "models" / "m.onnx")
     (tmp_path / "pics").mkdir()
-    request = builds.check_build(str(tmp_path / "pics"), "", model, "auto", tmp_path / "indexes")
+    allowed = [tmp_path.resolve()]
+    request = builds.check_build(str(tmp_path / "pics"), "", model, "auto", tmp_path / "indexes", allowed)
     assert request.out == (tmp_path / "indexes" / "pics").resolve() and request.images.is_absolute()
     with pytest.raises(builds.FormError, match="No model"):
-        builds.check_build(str(tmp_path / "pics"), "x", None, "auto", tmp_path / "indexes")
+        builds.check_build(str(tmp_path / "pics"), "x", None, "auto", tmp_path / "indexes", allowed)
     with pytest.raises(builds.FormError, match="recipe"):
-        builds.check_build(str(tmp_path / "pics"), "x", model, "IVF1,Flat; rm -rf", tmp_path / "indexes")
+        builds.check_build(str(tmp_path / "pics"), "x", model, "IVF1,Flat; rm -rf", tmp_path / "indexes", allowed)
+    with pytest.raises(builds.FormError, match="Not an allowed image folder"):
+        builds.check_build(str(tmp_path / "pics"), "x", model, "auto", tmp_path / "indexes", [model.parent])
+    with pytest.raises(builds.FormError, match="--data-root"):
+        builds.check_build(str(tmp_path / "pics"), "x", model, "auto", tmp_path / "indexes", [])
     assert builds.list_models(tmp_path) == [model]

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app import state
+from app import markup, state
 from app.query import MAX_UPLOAD_MB, UploadError, embed_upload
 from indexer.collection import Collection
 from tests.app.conftest import PER_CLASS
-from tests.indexer.conftest import COLORS, encode, picture
+from tests.indexer.conftest import COLORS, encode, make_images, make_model, picture
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,7 @@ def test_a_bad_upload_gets_one_clear_line(app: AppTest) -> None:
     app.file_uploader[0].upload("notes.png", b"this is a text file, not a picture\n" * 20, "image/png").run()
     assert not app.exception
     expected = "Cannot use notes.png: it is not an image the app can read (jpg, png or webp)."
-    assert [e.value for e in app.error] == [expected]
+    assert [e.value for e in app.error] == [markup.md(expected)]  # escaped: the file name is the sender's
     # The previous query and its neighbours are still there.
     assert [s.value for s in app.subheader] == ["Query", "Top 10 neighbours"]
 
@@ -79,6 +79,60 @@ def test_upload_rules(collection_dir: Path) -> None:
         embedded = embed_upload(collection, "photo.png", jpeg_named_png)
         assert embedded.vector.shape == (collection.dim,)
         assert embedded.thumbnail[:2] == b"\xff\xd8"
+
+
+def test_uploading_the_same_file_again_after_a_click_makes_it_the_query_again(app: AppTest) -> None:
+    app.run()
+    data = encode(picture(4242, COLORS[1]), "PNG")
+    app.file_uploader[0].upload("query.png", data, "image/png").run()
+    assert query_title(app) == "`query.png`"
+    next(b for b in app.button if b.key and b.key.startswith("hits:")).click().run()
+    assert query_title(app) != "`query.png`"
+    assert app.file_uploader[0].value is None  # emptied, so choosing the same file is a new choice
+    app.file_uploader[0].upload("query.png", data, "image/png").run()
+    assert not app.exception
+    assert query_title(app) == "`query.png`"
+    app.run()  # a rerun for another reason keeps the upload as the query
+    assert query_title(app) == "`query.png`"
+
+
+def test_markdown_in_an_upload_name_is_shown_as_written(app: AppTest) -> None:
+    app.run()
+    name = "my `odd` **name** $x$ :red[r].png"
+    app.file_uploader[0].upload(name, encode(picture(5, COLORS[0]), "PNG"), "image/png").run()
+    assert not app.exception and not app.error
+    assert query_title(app) == markup.code(name).split()[0]
+    assert any(m.value.startswith(markup.code(name) + "  \n") for m in app.markdown)
+    bad = "`bad` *file*.png"
+    app.file_uploader[0].upload(bad, b"not a picture", "image/png").run()
+    expected = f"Cannot use {bad}: it is not an image the app can read (jpg, png or webp)."
+    assert [e.value for e in app.error] == [markup.md(expected)]
+
+
+def test_odd_file_and_folder_names_are_shown_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names from the disk (files and label folders) are never drawn as markdown."""
+    root = tmp_path / "photos"
+    names = {"[x](y)": "a*b*.png", "_lab_": "c`d`.png", "`e`": "$f$.png"}
+    for seed, (label, name) in enumerate(names.items()):
+        (root / label).mkdir(parents=True)
+        picture(seed, COLORS[seed]).save(root / label / name)
+        picture(seed + 10, COLORS[seed]).save(root / label / f"plain{seed}.png")
+    directory = tmp_path / "indexes" / "odd"
+    Collection.build(root, directory, model=make_model(tmp_path / "m.onnx"), device="cpu", progress=False).close()
+    from tests.app.conftest import make_app
+
+    at = make_app(directory, monkeypatch)
+    at.run()
+    at.segmented_control(key="query_mode").set_value("Pick from the collection").run()
+    for label, name in names.items():
+        at.text_input(key="name_filter").input(name).run()
+        assert any(c.value == markup.md(name) for c in at.caption)  # the browse grid's caption
+        next(b for b in at.button if b.key and b.key.startswith("browse:")).click().run()
+        assert not at.exception
+        assert any(m.value == f"{markup.code(f'{label}/{name}')}  \nlabel **{markup.md(label)}**"
+                   for m in at.markdown)
+        captions = [c.value for c in at.caption if c.value.startswith("**")]
+        assert any(markup.md(label) in c for c in captions), captions
 
 
 def test_filter_and_browse_pick(app: AppTest, collection_dir: Path) -> None:
@@ -100,6 +154,19 @@ def test_images_are_served_only_from_inside_the_root(collection_dir: Path, tmp_p
         assert state.safe_image_path(collection, str(outside)) is None
         assert state.safe_image_path(collection, "../" * 10 + str(outside).lstrip("/")) is None
         assert state.safe_image_path(collection, "no/such/file.jpg") is None
+        assert state.safe_image_path(collection, "class0/\x00.png") is None
+
+
+def test_a_link_inside_the_root_to_a_file_outside_is_not_served(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "photos", per_class=2)
+    secret = tmp_path / "secret.png"
+    picture(99, COLORS[0]).save(secret)
+    (root / "class0" / "innocent.png").symlink_to(secret)
+    (root / "class1" / "inside-link.png").symlink_to(root / "loose.jpg")
+    with Collection.build(root, tmp_path / "col", model=make_model(tmp_path / "m.onnx"), device="cpu",
+                          progress=False) as collection:
+        assert state.safe_image_path(collection, "class0/innocent.png") is None
+        assert state.safe_image_path(collection, "class1/inside-link.png") == (root / "loose.jpg").resolve()
 
 
 def test_collection_argument_that_is_not_a_collection(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -114,7 +181,7 @@ def test_collection_argument_that_is_not_a_collection(monkeypatch: pytest.Monkey
 def test_the_app_never_imports_torch() -> None:
     """The serving side runs where PyTorch is not installed (Architecture: dependency rules)."""
     code = ("import sys; sys.modules['torch'] = None; sys.modules['moco'] = None\n"
-            "import app.state, app.query, app.jobs, app.demo, app.components\n"
+            "import app.state, app.query, app.jobs, app.demo, app.components, app.builds, app.roots, app.markup\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -141,6 +208,6 @@ def test_the_original_is_shown_from_inside_the_image_folder_only(collection_dir:
         (collection.image_root / title).rename(tmp_path / "moved-away")
     try:
         at.run()
-        assert any("no longer in the image folder" in c.value for c in at.caption)
+        assert any("not in the image folder" in c.value for c in at.caption)
     finally:
         (tmp_path / "moved-away").rename(collection.image_root / title)
