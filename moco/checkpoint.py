@@ -1,17 +1,28 @@
 """Contract 1: the training checkpoint, written atomically, read back with clear refusals.
 
 `load_backbone` is the one public way for other parts (export, evaluation) to read it.
+
+A checkpoint is a pickle, and unpickling can run any code the file names. So it is read with
+`torch.load(weights_only=True)`, whose unpickler builds only tensors and plain containers and
+numbers, plus the short allow-list below; a file naming anything else is refused before any of
+it runs. What `save_checkpoint` writes needs nothing from the allow-list (the RNG states are
+stored as tensors, tuples and numbers); the list only keeps older checkpoints readable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
-from collections.abc import Callable
+import pickle
+import random
+import re
+import secrets
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,18 +31,51 @@ from moco.config import FORMAT_VERSION, TrainConfig, resolve_stem
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
+try:  # numpy 2 moved the array pickling helper; files name it by the module that wrote them
+    from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
+
+# Globals a checkpoint may name beyond what weights_only allows by default: a uint32 numpy
+# array, as checkpoints written before safe loading stored numpy's RNG keys. Array
+# reconstruction can build only the array and dtype types listed here, so nothing on this list
+# runs code. The helper under both names: numpy 1.x wrote `numpy.core`, 2.x `numpy._core`.
+LEGACY_SAFE_GLOBALS: list[Any] = [
+    _numpy_reconstruct,
+    (_numpy_reconstruct, "numpy.core.multiarray._reconstruct"),
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),  # numpy.dtypes.UInt32DType
+]
+
+# Temp files of atomic_write_bytes: `.NAME.` + 8 characters + `.tmp`. The 8 characters are
+# hex here; older versions used tempfile.mkstemp, whose names use [a-z0-9_], so both match.
+_TEMP_INFIX = r"\.[a-z0-9_]{8}\.tmp"
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message is one line for the user."""
 
 
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new temp file beside `path`, created exclusively with mode 0666 less the umask (like
+    any file its user creates, so a run folder can be shared), never through a symlink."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 2**32 names: a clash is rare, but never overwrite one
+            continue
+
+
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through a temp file in the same folder, fsync, then os.replace: a crash at any
-    instant leaves either the old file or the new one, never a torn one."""
+    instant leaves either the old file or the new one, never a torn one. A kill can leave the
+    temp file behind; `remove_stale_temp_files` clears those when the run starts again."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; results are meant to be shared like any file
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -45,6 +89,63 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temp_files(folder: Path, names: Iterable[str]) -> list[Path]:
+    """Delete temp files that atomic_write_bytes left in `folder` for the files `names` when a
+    kill interrupted a write; return them. Call it only while no other process writes there
+    (at the start of a run): only plain files of exactly that naming pattern are touched,
+    never a folder, a symlink or any other file."""
+    patterns = [re.compile(rf"\.{re.escape(name)}{_TEMP_INFIX}") for name in names]
+    removed = []
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False) and any(p.fullmatch(entry.name) for p in patterns):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
+    return sorted(removed)
+
+
+def set_aside(folder: Path, names: Iterable[str]) -> list[tuple[Path, Path]]:
+    """Rename what an earlier attempt left under `names` in `folder` to NAME.N, with the first
+    N free for all of them, so a fresh run starts its own files and nothing is lost. Returns
+    (old, new) pairs."""
+    present = [name for name in names if os.path.lexists(folder / name)]
+    if not present:
+        return []
+    number = 1
+    while any(os.path.lexists(folder / f"{name}.{number}") for name in present):
+        number += 1
+    moved = []
+    for name in present:
+        target = folder / f"{name}.{number}"
+        os.rename(folder / name, target)
+        moved.append((folder / name, target))
+    return moved
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random generator's state, in types the safe loader builds without an allow-list:
+    tensors, tuples and numbers (numpy's own form holds an ndarray)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                  float(cached_gaussian)),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+    }
+
+
+def restore_rng_state(rng: dict[str, Any], device: torch.device) -> None:
+    """Put back what capture_rng_state saved (or an older checkpoint's numpy-array form)."""
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    name, keys, position, has_gauss, cached_gaussian = rng["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), int(position), int(has_gauss), float(cached_gaussian)))
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -61,16 +162,35 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+def _refusal(path: Path, err: pickle.UnpicklingError) -> CheckpointError | None:
+    """The one-line refusal for a file that names a function or class outside the allow-list,
+    or None when the unpickler stopped for another reason (damage, an opcode it does not read)."""
+    text = str(err)
+    if "Weights only load failed" not in text:
+        return None
+    # torch words it as "GLOBAL posix.system ..." or "... but got <class 'x.Y'>", by version
+    found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", text)
+    if found is None:
+        return None
+    what = found.group(1) or found.group(2)
+    return CheckpointError(f"refused to load {path}: it names {what}, which a MoCo checkpoint never holds "
+                           "(unpickling it could run code)")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = resolve_checkpoint_path(path)
     try:
-        # weights_only=False: the checkpoint carries RNG states and plain Python records.
-        # Only open checkpoints you made or trust, as with any pickle.
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS), warnings.catch_warnings():  # this load only
+            # a bare pickle (not torch.save's format) draws a protocol warning: the error says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise (_refusal(path, err) or CheckpointError(
+            f"cannot read checkpoint {path}: not a MoCo checkpoint or damaged (UnpicklingError)")) from None
     except Exception as err:  # torch raises many types for a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: not a MoCo checkpoint or damaged "
                               f"({type(err).__name__})") from None
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a MoCo checkpoint written by this tool")
     version = state["config"].get("format_version")
     if version != FORMAT_VERSION:

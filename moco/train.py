@@ -54,7 +54,15 @@ from moco.budget import (
     recheck_tolerance,
 )
 from moco.cache import CacheUnavailable, DecodedCache, open_cache
-from moco.checkpoint import CHECKPOINT_NAME, atomic_write_bytes, save_checkpoint
+from moco.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_bytes,
+    capture_rng_state,
+    remove_stale_temp_files,
+    restore_rng_state,
+    save_checkpoint,
+    set_aside,
+)
 from moco.config import TrainConfig
 from moco.data import (
     EpochBatches,
@@ -73,6 +81,7 @@ from moco.optim import build_optimizer, lr_at, momentum_at
 from moco.plot import PLOT_NAME, write_monitor_plot
 
 METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_NAME = "tensorboard"
 
 
 class TrainingStopped(Exception):
@@ -130,7 +139,7 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(run_dir / TENSORBOARD_NAME))
         except ImportError:  # tensorboard is optional
             pass
 
@@ -275,8 +284,22 @@ class Trainer:
                            f"{config.knn_max_images}; 0 uses all)")
         self.mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
+        if world.is_main:
+            self._tidy_run_dir(resuming=state is not None)
         self.metrics = MetricsLog(run_dir, resume_step=self.progress.step if state is not None else None) \
             if world.is_main else None
+
+    def _tidy_run_dir(self, *, resuming: bool) -> None:
+        """Clear what a killed session left: temp files of interrupted writes and, before a fresh
+        run, the records of an attempt killed before its first checkpoint (moved aside to NAME.N,
+        so the new metrics.jsonl holds this run only; a folder with a checkpoint is refused
+        earlier unless resumed)."""
+        run_files = (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME)
+        for path in remove_stale_temp_files(self.run_dir, run_files):
+            tqdm.write(f"removed {path.name}, left by an interrupted write")
+        if not resuming:
+            for old, new in set_aside(self.run_dir, (METRICS_NAME, PLOT_NAME, TENSORBOARD_NAME)):
+                tqdm.write(f"note: {old.name} of an earlier attempt without a checkpoint moved aside to {new.name}")
 
     def _open_cache(self) -> DecodedCache | None:
         config = self.config
@@ -301,12 +324,7 @@ class Trainer:
         p = state["progress"]
         self.progress = Progress(epoch=p["epoch"], batch_in_epoch=p["batch_in_epoch"], step=p["step"],
                                  elapsed=p["elapsed"], history=p["history"], skipped=p["skipped"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and rng.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        restore_rng_state(state["rng"], self.device)
         if state["data"]["listing_sha256"] != listing_digest(self.folder):
             tqdm.write("warning: the data folder changed since the checkpoint; resuming on its current "
                        "contents (the run will not match an uninterrupted one exactly)")
@@ -321,8 +339,7 @@ class Trainer:
             "scaler": None,  # bf16 autocast needs no loss scaling
             "progress": vars(self.progress),
             "plan": self.plan.to_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
+            "rng": capture_rng_state(self.device),
             "data": {"root": str(self.folder.root.resolve()),
                      "val": str(self.val.root.resolve()) if self.val else None,
                      "num_images": len(self.folder.refs),

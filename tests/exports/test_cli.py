@@ -19,8 +19,9 @@ from exports.__main__ import main
 from exports.contract import METADATA_KEYS
 from indexer.images import apply_resize, load_rgb, resize_recipe, scan_images, to_uint8_array
 from moco import load_backbone
-from moco.checkpoint import sha256_of
+from moco.checkpoint import load_checkpoint, save_checkpoint, sha256_of
 from tests.exports.conftest import IMAGE_SIZE
+from tests.moco.conftest import write_crafted_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +165,10 @@ def test_fp16(tmp_path, checkpoint, model_fp32):
 
 
 def _wrong_version(tmp_path: Path, checkpoint: Path) -> Path:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     state["config"]["format_version"] = 99
     path = tmp_path / "v99.pt"
-    torch.save(state, path)
+    save_checkpoint(path, state)
     return path
 
 
@@ -213,6 +214,19 @@ def test_bad_input_is_one_line_exit_2(tmp_path, checkpoint, capsys, case, needle
     assert main([str(ckpt), "-o", str(out), "--device", "cpu", *extra]) == 2
     assert_one_line_error(capsys, needle)
     assert list(out_dir.iterdir()) == []  # nothing partial, no temp file
+
+
+@pytest.mark.parametrize("form", ["torch", "pickle2", "pickle"])
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, form):
+    """Checkpoints are unpickled with torch's weights-only loader: code in one never runs."""
+    marker = tmp_path / "marker"
+    ckpt = write_crafted_checkpoint(tmp_path / "checkpoint.pt", marker, form=form)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert main([str(ckpt), "-o", str(out_dir / "m.onnx"), "--device", "cpu"]) == 2
+    assert_one_line_error(capsys, "cannot read checkpoint" if form == "pickle" else "refused to load")
+    assert not marker.exists()
+    assert list(out_dir.iterdir()) == []
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")

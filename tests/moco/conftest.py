@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -31,3 +32,26 @@ def make_image_folder(root: Path, *, classes: int = 3, per_class: int = 8, seed:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "train")
+
+
+class _CreatesMarker:
+    """Unpickling this calls open(marker, "w"): the file appears if a loader runs pickled code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def write_crafted_checkpoint(path: Path, marker: Path, *, form: str = "torch") -> Path:
+    """A 'checkpoint' that runs code when unpickled: torch.save's zip form ("torch"), or a bare
+    pickle of protocol 2 ("pickle2", the opcodes torch's safe loader reads) or the default."""
+    state = {"config": {"format_version": 1}, "model": {"weights": _CreatesMarker(marker)}}
+    if form == "torch":
+        import torch
+
+        torch.save(state, path)
+    else:
+        path.write_bytes(pickle.dumps(state, protocol=2 if form == "pickle2" else None))
+    return path

@@ -131,7 +131,9 @@ def test_a_signal_writes_a_checkpoint_and_the_run_resumes(image_folder, tmp_path
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()  # still running at the deadline: stop it, so its output can be read at once
+            pytest.fail(f"no two metrics lines within 120 s: {proc.communicate(timeout=60)}")
         time.sleep(0.2)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
