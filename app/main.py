@@ -7,6 +7,12 @@ unless ``--server.address`` says otherwise (``app/.streamlit/config.toml``).
 Chooses the collection (the ``--collection`` given, else a picker over ``indexes/``), and
 when there is none at all, opens the demo page that builds the built-in demo. Pages live in
 ``app/views/`` (one file each: they draw and call :mod:`app.state` and :mod:`indexer`).
+
+Each page's drawing is its ``render()``, called under ``if __name__ == "__main__"``: Streamlit
+runs a page file as ``__main__``, while ``import app.views.map`` draws nothing (so every module
+of the app can be imported, and checked, on its own). The pages stay files rather than callables
+given to ``st.Page``: Streamlit's ``AppTest.switch_page`` finds only file pages (a callable page
+is registered without a script path), and the URLs, titles and icons come from the file names.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import numpy.typing as npt
 import pandas as pd
 import streamlit as st
 
+from app import markup
 from indexer import store
 from indexer.collection import Collection
 from indexer.images import resolve_relpath
@@ -225,5 +226,5 @@ def require_collection() -> Collection:
     try:
         return open_collection(directory)
     except (store.CollectionError, OSError, ValueError) as exc:
-        st.error(f"Cannot open {directory}: {exc}")
+        st.error(f"Cannot open {markup.code(directory)}: {markup.md(exc)}")  # a path and a message from disk
         st.stop()

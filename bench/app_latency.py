@@ -18,17 +18,15 @@ The figures go to BENCHMARKS.md (issue 6) with the machine and date.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app import local_server  # noqa: E402
 from app.query import embed_upload  # noqa: E402
 from indexer.collection import Collection  # noqa: E402
 from indexer.images import scan_images  # noqa: E402
@@ -48,71 +46,42 @@ def server_side(collection: Collection, queries: list[Path]) -> list[float]:
     return times
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+PAINTED = """(count) => {
+    const imgs = [...document.querySelectorAll('[data-testid="stImage"] img')];
+    return imgs.filter(i => i.complete && i.naturalWidth > 0).length >= count;
+}"""
+"""True once ``count`` images are decoded and drawn in the page."""
 
-
-def start_server(collection: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--", "--collection", str(collection)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
-                return process, url
-        except OSError:
-            time.sleep(0.2)
-    process.terminate()
-    raise SystemExit("the Streamlit server did not start")
-
-
-def thumbnails_painted(page, count: int) -> bool:  # noqa: ANN001 - playwright Page
-    return page.evaluate(
-        """(count) => {
-            const imgs = [...document.querySelectorAll('[data-testid="stImage"] img')];
-            return imgs.filter(i => i.complete && i.naturalWidth > 0).length >= count;
-        }""", count)
+IDLE = "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+"""True once Streamlit's "running" indicator is gone."""
 
 
 def browser(collection: Path, queries: list[Path]) -> tuple[list[float], float, float]:
     from playwright.sync_api import expect, sync_playwright
 
-    process, url = start_server(collection)
-    try:
-        with sync_playwright() as p:
-            chromium = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
-            page = chromium.new_page(viewport={"width": 1400, "height": 1800})
+    with local_server.serve("--collection", str(collection), timeout=120) as server, sync_playwright() as p:
+        chromium = local_server.launch_chromium(p)
+        page = chromium.new_page(viewport={"width": 1400, "height": 1800})
+        start = time.perf_counter()
+        page.goto(server.url)
+        expect(page.get_by_text("Top 10 neighbours")).to_be_visible(timeout=300_000)
+        first_load = time.perf_counter() - start
+        times = []
+        for path in queries:
             start = time.perf_counter()
-            page.goto(url)
-            expect(page.get_by_text("Top 10 neighbours")).to_be_visible(timeout=300_000)
-            first_load = time.perf_counter() - start
-            times = []
-            for path in queries:
-                start = time.perf_counter()
-                page.locator("input[type=file]").set_input_files(str(path))
-                expect(page.get_by_text(path.name, exact=True)).to_be_visible(timeout=60_000)
-                page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
-                                       timeout=60_000)
-                while not thumbnails_painted(page, 11):  # the query and its 10 neighbours
-                    page.wait_for_timeout(10)
-                times.append(time.perf_counter() - start)
-            print("browser upload times (s):", " ".join(f"{t:.2f}" for t in times))
-            start = time.perf_counter()
-            page.get_by_role("link", name="Map").click()
-            page.wait_for_selector(".js-plotly-plot .gl-container canvas, .js-plotly-plot canvas", timeout=120_000)
-            page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
-                                   timeout=120_000)
-            map_seconds = time.perf_counter() - start
-            page.screenshot(path=str(ROOT / "test-artifacts" / "bench-map.png"), full_page=True)
-            chromium.close()
-    finally:
-        process.terminate()
-        process.wait(10)
+            page.locator("input[type=file]").set_input_files(str(path))
+            expect(page.get_by_text(path.name, exact=True)).to_be_visible(timeout=60_000)
+            page.wait_for_function(IDLE, timeout=60_000)
+            page.wait_for_function(PAINTED, arg=11, polling=10, timeout=60_000)  # the query and 10 neighbours
+            times.append(time.perf_counter() - start)
+        print("browser upload times (s):", " ".join(f"{t:.2f}" for t in times))
+        start = time.perf_counter()
+        page.get_by_role("link", name="Map").click()
+        page.wait_for_selector(".js-plotly-plot .gl-container canvas, .js-plotly-plot canvas", timeout=120_000)
+        page.wait_for_function(IDLE, timeout=120_000)
+        map_seconds = time.perf_counter() - start
+        page.screenshot(path=str(ROOT / "test-artifacts" / "bench-map.png"), full_page=True)
+        chromium.close()
     return times, first_load, map_seconds
 
 

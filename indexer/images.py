@@ -35,12 +35,10 @@ byte becomes ``\\xNN``, readable in a terminal or the app); :func:`text_to_fs` a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +47,8 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from indexer.files import NotRegularFile, open_regular, sha256_handle
 
 __all__ = [
     "DEFAULT_MAX_ASPECT",
@@ -60,7 +60,6 @@ __all__ = [
     "LoadedImage",
     "apply_resize",
     "fs_to_text",
-    "is_image_path",
     "load_rgb",
     "load_rgb_bytes",
     "open_regular_file",
@@ -94,8 +93,6 @@ banner or a crafted strip (a 667-byte PNG of 200,000 x 1 pixels), not a picture 
 search by, and decoding and enlarging it would cost memory in proportion to its length. Such
 files are refused from their header ("extreme aspect ratio"), before any pixel is decoded.
 Panoramas (up to about 10:1) and long screenshots (about 20:1) stay well inside."""
-
-_HASH_CHUNK = 1 << 20
 
 # Only the formats named by IMAGE_EXTENSIONS (DIB: a BMP variant; multi-picture MPO files from
 # cameras and phones are opened by the JPEG plugin). Restricting Image.open keeps rarely
@@ -235,17 +232,22 @@ def load_rgb_bytes(
 def open_regular_file(path: str | os.PathLike[str]) -> IO[bytes]:
     """Open a regular file for reading; refuse anything else without ever blocking on it.
 
-    Why: opening a FIFO named like an image blocks until some writer appears (forever, in a
-    build), opening a device can have side effects, and a folder named ``x.jpg`` is not a file.
-    The name is ``stat``-ed first, so nothing but a regular file is opened; it is then opened
-    with ``O_NONBLOCK`` and checked again with ``fstat``, so a file swapped for a FIFO between
-    the two calls is refused too instead of hanging. Every failure is an
+    :func:`indexer.files.open_regular` does the opening (never a FIFO, device or folder, and no
+    hang on a file swapped for a FIFO meanwhile); here every failure becomes an
     :class:`ImageDecodeError` whose reason says why (missing, broken symlink, permission
     denied, not a file, unreadable folder, read error).
     """
     name = os.fspath(path)
     try:
-        st = os.stat(name)  # follows symlinks, so a dangling link fails here
+        return open_regular(name)
+    except NotRegularFile as exc:
+        if exc.kind == "a folder":
+            try:
+                with os.scandir(name):
+                    pass
+            except OSError as err:
+                raise ImageDecodeError("unreadable folder", str(err.strerror or err), name) from err
+        raise ImageDecodeError("not a file", exc.kind, name) from exc
     except FileNotFoundError as exc:
         reason = "broken symlink" if os.path.islink(name) else "missing"
         raise ImageDecodeError(reason, "no such file", name) from exc
@@ -253,54 +255,15 @@ def open_regular_file(path: str | os.PathLike[str]) -> IO[bytes]:
         raise ImageDecodeError("permission denied", str(exc.strerror or exc), name) from exc
     except OSError as exc:  # ELOOP (a symlink loop), ENAMETOOLONG, EIO ...
         raise ImageDecodeError("read error", str(exc.strerror or exc), name) from exc
-    _require_regular(st.st_mode, name)
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(name, flags)
-    except PermissionError as exc:
-        raise ImageDecodeError("permission denied", str(exc.strerror or exc), name) from exc
-    except OSError as exc:
-        raise ImageDecodeError("read error", str(exc.strerror or exc), name) from exc
-    try:
-        _require_regular(os.fstat(fd).st_mode, name)
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")  # O_NONBLOCK has no effect on reads of regular files
-
-
-def _require_regular(mode: int, name: str) -> None:
-    """Raise the reason for anything that is not a regular file (checked before any open)."""
-    if stat.S_ISREG(mode):
-        return
-    if stat.S_ISDIR(mode):
-        try:
-            with os.scandir(name):
-                pass
-        except OSError as exc:
-            raise ImageDecodeError("unreadable folder", str(exc.strerror or exc), name) from exc
-        raise ImageDecodeError("not a file", "a folder", name)
-    if stat.S_ISFIFO(mode):
-        kind = "a FIFO (named pipe), not opened"
-    elif stat.S_ISSOCK(mode):
-        kind = "a socket, not opened"
-    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        kind = "a device, not opened"
-    else:
-        kind = "not a regular file"
-    raise ImageDecodeError("not a file", kind, name)
 
 
 def _hash_handle(fh: IO[bytes], name: str) -> str:
-    """sha256 of a whole open file, read from the start in 1 MB chunks (constant memory)."""
-    digest = hashlib.sha256()
+    """sha256 of a whole open file (:func:`indexer.files.sha256_handle`); a failed read is an
+    :class:`ImageDecodeError`."""
     try:
-        fh.seek(0)
-        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
+        return sha256_handle(fh)
     except OSError as exc:
         raise ImageDecodeError("read error", str(exc.strerror or exc), name) from exc
-    return digest.hexdigest()
 
 
 def _check_limits(min_side: int | None, max_pixels: int, max_aspect: float) -> None:
@@ -341,13 +304,15 @@ def _decode(fp: IO[bytes], *, name: str, min_side: int | None, max_pixels: int,
         if long > max_aspect * short:
             raise ImageDecodeError("extreme aspect ratio",
                                    f"{width}x{height} is longer than {max_aspect:g}:1", name)
-        if _stored_sideways(img):
-            width, height = height, width
         if min_side is not None:
             _draft(img, min_side)
         # load() decodes every pixel now, so a truncated file fails here and not later in a
-        # resize or a DataLoader worker. LOAD_TRUNCATED_IMAGES is left at Pillow's False.
+        # resize or a DataLoader worker. LOAD_TRUNCATED_IMAGES is left at Pillow's False. It runs
+        # before anything reads EXIF: Pillow's PNG getexif() loads the pixels itself, and a failed
+        # load there, swallowed, left a half-decoded (black) image that a second load() accepted.
         img.load()
+        if _stored_sideways(img):
+            width, height = height, width
         _apply_exif_orientation(img)
         return LoadedImage(_to_rgb(img, name), width, height)
     except ImageDecodeError:
@@ -692,12 +657,6 @@ class ImageRef:
     label: str | None
     size: int
     mtime_ns: int
-
-
-def is_image_path(path: str | os.PathLike[str]) -> bool:
-    """True if the file name has one of :data:`IMAGE_EXTENSIONS` (any case) and is not hidden."""
-    name = os.path.basename(os.fspath(path))
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def scan_images(root: str | os.PathLike[str]) -> list[ImageRef]:

@@ -246,7 +246,8 @@ def test_serving_side_imports_without_torch(package: str) -> None:
     """Every module of the serving side imports with torch, moco and exports blocked.
 
     ``app/main.py`` is the Streamlit entry point (it draws at import); its own imports are
-    covered by the static rule above. Pages are imported too: Streamlit runs them "bare" here.
+    covered by the static rule above. Pages are imported too: they draw only when Streamlit runs
+    them as ``__main__``.
     """
     modules = _modules_under(package)
     code = ("import importlib, sys\n"

@@ -18,7 +18,7 @@ import streamlit as st
 from app import builds, jobs, markup, roots, state
 from app.components import job_stages
 from indexer import ann, store
-from indexer.collection import Collection, describe_recipe
+from indexer.collection import Collection
 from indexer.embed import ModelError
 
 SESSION_JOBS = "collection_page_jobs"
@@ -62,7 +62,7 @@ def show_model(collection: Collection) -> None:
 def show_index(collection: Collection) -> None:
     recipe = collection.recipe
     st.subheader("Index")
-    st.markdown(describe_recipe(recipe) if recipe else "no index recipe recorded")
+    st.markdown(ann.describe_recipe(recipe) if recipe else "no index recipe recorded")
     cells = st.columns(3)
     if recipe.get("recall_at_10") is not None:
         cells[0].metric("recall@10", f"{recipe['recall_at_10']:.3f}",
@@ -228,22 +228,28 @@ def open_selected() -> Collection | None:
         return None
 
 
-collection = open_selected()
-if collection is not None:
-    show_summary(collection)
-    left, right = st.columns(2, gap="large")
-    with left:
-        show_model(collection)
-        show_hardware(collection)
-    with right:
-        show_index(collection)
-        show_history(collection)
-    show_skipped(collection)
-    show_update(collection)
-    st.divider()
-else:
-    st.title("Collections")
-    st.caption("No collection is open yet: build one from a folder of images.")
-show_build_form(collection)
-for job_key in st.session_state.get(SESSION_JOBS, []):
-    job_panel(job_key)
+def render() -> None:
+    """Draw the page. Streamlit runs this file as ``__main__`` (below); importing it draws nothing."""
+    collection = open_selected()
+    if collection is not None:
+        show_summary(collection)
+        left, right = st.columns(2, gap="large")
+        with left:
+            show_model(collection)
+            show_hardware(collection)
+        with right:
+            show_index(collection)
+            show_history(collection)
+        show_skipped(collection)
+        show_update(collection)
+        st.divider()
+    else:
+        st.title("Collections")
+        st.caption("No collection is open yet: build one from a folder of images.")
+    show_build_form(collection)
+    for job_key in st.session_state.get(SESSION_JOBS, []):
+        job_panel(job_key)
+
+
+if __name__ == "__main__":
+    render()

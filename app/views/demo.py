@@ -11,18 +11,12 @@ from app import demo, jobs, markup, state
 from app.components import job_stages
 from app.jobs import Job
 
-cfg = state.config()
-paths = demo.DemoPaths(cfg.workdir)
-
-st.title("Welcome")
-st.markdown(
+WELCOME = (
     "There is no collection yet, so the app is building its **built-in demo**: the 1,797 handwritten "
     "digits that ship with scikit-learn, a short MoCo-v2 training on this computer's CPU, an ONNX export "
     "and a searchable collection with its map. It takes a few minutes once; the result is kept in "
-    f"{markup.code(paths.collection)}.  \nTo search your own photos instead, see the Collection page or run "
+    "{collection}.  \nTo search your own photos instead, see the Collection page or run "
     "`python -m indexer build YOUR_FOLDER`.")
-
-job = demo.start_demo(cfg.workdir, cfg.demo_train_seconds)
 
 
 def draw(job: Job) -> None:
@@ -30,18 +24,31 @@ def draw(job: Job) -> None:
     st.caption(f"{job.seconds:.0f} s so far" if job.status == "running" else f"took {job.seconds:.0f} s")
 
 
-@st.fragment(run_every=1.0)
-def progress() -> None:
-    current = jobs.get(demo.DEMO_KEY) or job
-    draw(current)
-    if current.status == "done" and state.is_collection(paths.collection):
-        st.success("The demo is ready.")
-        st.rerun(scope="app")
-    elif current.status in ("failed", "cancelled"):
-        st.error(f"The demo build stopped: {markup.md(current.error or current.status)}. "
-                 "Reload the page to try again; finished stages are kept.")
-        with st.expander("Output of the last commands"):
-            st.code("\n".join(current.log))
+def render() -> None:
+    """Draw the page. Streamlit runs this file as ``__main__`` (below); importing it draws nothing.
+
+    Starting the build is part of drawing: the first visit starts it (once per server)."""
+    cfg = state.config()
+    paths = demo.DemoPaths(cfg.workdir)
+    st.title("Welcome")
+    st.markdown(WELCOME.format(collection=markup.code(paths.collection)))
+    job = demo.start_demo(cfg.workdir, cfg.demo_train_seconds)
+
+    @st.fragment(run_every=1.0)
+    def progress() -> None:
+        current = jobs.get(demo.DEMO_KEY) or job
+        draw(current)
+        if current.status == "done" and state.is_collection(paths.collection):
+            st.success("The demo is ready.")
+            st.rerun(scope="app")
+        elif current.status in ("failed", "cancelled"):
+            st.error(f"The demo build stopped: {markup.md(current.error or current.status)}. "
+                     "Reload the page to try again; finished stages are kept.")
+            with st.expander("Output of the last commands"):
+                st.code("\n".join(current.log))
+
+    progress()
 
 
-progress()
+if __name__ == "__main__":
+    render()

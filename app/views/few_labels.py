@@ -27,13 +27,27 @@ SUGGESTIONS_DEFAULT = 8
 COLUMNS = 4
 
 
-def key(name: str) -> str:
-    """Widget and session keys of this page, per collection (two collections, two states)."""
-    return f"fewlabels:{name}:{directory}"
+@dataclass(frozen=True)
+class View:
+    """The collection this page draws, passed to each part of the page.
+
+    ``directory`` (resolved) is the cache key of :mod:`app.fewlabels` and part of every widget
+    and session key, so two collections keep two states."""
+
+    collection: Collection
+    directory: str
+
+    @classmethod
+    def of(cls, collection: Collection) -> View:
+        return cls(collection, str(Path(collection.directory).resolve()))
+
+    def key(self, name: str) -> str:
+        """Widget and session keys of this page, per collection."""
+        return f"fewlabels:{name}:{self.directory}"
 
 
-def open_as_query(item_id: int) -> None:
-    state.set_item_query(collection, item_id)
+def open_as_query(view: View, item_id: int) -> None:
+    state.set_item_query(view.collection, item_id)
     st.switch_page("views/neighbours.py")
 
 
@@ -50,18 +64,18 @@ class EvalSettings:
     compare: bool
 
 
-def evaluation_settings(labels: fewlabels.FolderLabels) -> EvalSettings | None:
+def evaluation_settings(view: View, labels: fewlabels.FolderLabels) -> EvalSettings | None:
     """The form; returns the settings last submitted, None before the first Evaluate (so opening
     the page on a large collection trains nothing). They are kept in the session, not only in
     the widgets, because Streamlit forgets a widget's value while the other mode is shown."""
     budgets = fewlabels.budgets_for(labels.class_sizes().tolist())
     classifiers = fewlabels.classifiers_for(len(labels.rows))
     sizes = labels.class_sizes().tolist()
-    saved: EvalSettings | None = st.session_state.get(key("settings"))
+    saved: EvalSettings | None = st.session_state.get(view.key("settings"))
     if saved is None or saved.budget not in budgets or saved.classifier not in classifiers:
         saved = None
     shown = saved or EvalSettings(next((b for b in budgets if b.per_class == 5), budgets[0]), classifiers[0], 3, False)
-    with st.form(key("eval-form"), border=False):
+    with st.form(view.key("eval-form"), border=False):
         left, middle, right = st.columns([2, 2, 1])
         budget = left.selectbox("Labels per class", budgets, index=budgets.index(shown.budget),
                                 format_func=lambda b: f"{b.name} ({fewlabels.labelled_count(b, sizes):,} images)",
@@ -73,7 +87,7 @@ def evaluation_settings(labels: fewlabels.FolderLabels) -> EvalSettings | None:
         compare = st.checkbox("Compare all classifiers on the curve", value=shown.compare)
         if st.form_submit_button("Evaluate", type="primary"):
             saved = EvalSettings(budget, classifier, int(n_seeds), bool(compare))
-            st.session_state[key("settings")] = saved
+            st.session_state[view.key("settings")] = saved
     if len(classifiers) < 3:
         st.caption(f"Label propagation is offered up to {fewlabels.LABEL_PROPAGATION_MAX_ITEMS:,} labelled images.")
     return saved
@@ -89,21 +103,21 @@ def show_headline(evaluation: fewlabels.Evaluation, budget: LabelBudget) -> None
     st.caption(f"{spread}; {runs[0].train.size:,} images labelled, {runs[0].test.size:,} classified per seed.")
 
 
-def show_curve(classifiers: tuple[str, ...], n_seeds: int) -> None:
+def show_curve(view: View, classifiers: tuple[str, ...], n_seeds: int) -> None:
     st.subheader("Accuracy versus labels")
     with st.spinner("Computing the curve…"):
-        points = fewlabels.curve(collection, directory, collection.generation, classifiers, n_seeds)
+        points = fewlabels.curve(view.collection, view.directory, view.collection.generation, classifiers, n_seeds)
     if points:
-        st.plotly_chart(fewlabels.curve_figure(points), key=key("curve"))
+        st.plotly_chart(fewlabels.curve_figure(points), key=view.key("curve"))
         st.caption("Error bars: one standard deviation over seeds. Budgets: "
                    + ", ".join(dict.fromkeys(p.budget.name for p in points)) + ".")
 
 
-def show_classes(evaluation: fewlabels.Evaluation) -> None:
+def show_classes(view: View, evaluation: fewlabels.Evaluation) -> None:
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Confusion matrix")
-        st.plotly_chart(fewlabels.confusion_figure(evaluation.confusion, evaluation.classes), key=key("confusion"))
+        st.plotly_chart(fewlabels.confusion_figure(evaluation.confusion, evaluation.classes), key=view.key("confusion"))
         st.caption("Counts summed over seeds; colour = share of the true class.")
     with right:
         st.subheader("Per class")
@@ -112,7 +126,7 @@ def show_classes(evaluation: fewlabels.Evaluation) -> None:
             "tested": st.column_config.NumberColumn("tested / seed")})
 
 
-def show_mistakes(evaluation: fewlabels.Evaluation) -> None:
+def show_mistakes(view: View, evaluation: fewlabels.Evaluation) -> None:
     found = fewlabels.mistakes(evaluation, MISTAKES_SHOWN)
     st.subheader("Mistakes")
     if not found:
@@ -123,29 +137,29 @@ def show_mistakes(evaluation: fewlabels.Evaluation) -> None:
     tiles = [Tile(m.item_id, [f"true **{markup.md(m.truth)}**",
                               f"predicted **{markup.md(m.predicted)}** ({m.confidence:.0%})"])
              for m in found]
-    clicked = tile_grid(collection, tiles, key=key("mistakes"), columns=5)
+    clicked = tile_grid(view.collection, tiles, key=view.key("mistakes"), columns=5)
     if clicked is not None:
-        open_as_query(clicked)
+        open_as_query(view, clicked)
 
 
-def evaluation_mode(labels: fewlabels.FolderLabels) -> None:
-    settings = evaluation_settings(labels)
+def evaluation_mode(view: View, labels: fewlabels.FolderLabels) -> None:
+    settings = evaluation_settings(view, labels)
     if settings is None:
         st.caption("Choose a budget and a classifier, then press Evaluate.")
         return
     budget = settings.budget
     try:
         with st.spinner("Training on the few labels…"):
-            evaluation = fewlabels.evaluate(collection, directory, collection.generation, settings.classifier,
-                                            budget.per_class, budget.fraction, settings.n_seeds)
+            evaluation = fewlabels.evaluate(view.collection, view.directory, view.collection.generation,
+                                            settings.classifier, budget.per_class, budget.fraction, settings.n_seeds)
     except ValueError as exc:
         st.error(f"Cannot evaluate: {markup.md(exc)}")
         return
     show_headline(evaluation, budget)
     chosen = tuple(fewlabels.classifiers_for(len(labels.rows))) if settings.compare else (settings.classifier,)
-    show_curve(chosen, settings.n_seeds)
-    show_classes(evaluation)
-    show_mistakes(evaluation)
+    show_curve(view, chosen, settings.n_seeds)
+    show_classes(view, evaluation)
+    show_mistakes(view, evaluation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,36 +167,36 @@ def evaluation_mode(labels: fewlabels.FolderLabels) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def import_csv(frame: pd.DataFrame) -> None:
+def import_csv(view: View, frame: pd.DataFrame) -> None:
     """Labels from a CSV (path,label). Each upload is imported once: the uploader keeps its file
     across reruns, so its id is remembered."""
     with st.expander("Import labels from a CSV"):
-        upload = st.file_uploader("CSV with the columns path and label", type=["csv"], key=key("csv"))
+        upload = st.file_uploader("CSV with the columns path and label", type=["csv"], key=view.key("csv"))
         if upload is None:
             return
-        done = key("csv-done")
+        done = view.key("csv-done")
         if st.session_state.get(done, (None, ""))[0] != upload.file_id:
             try:
                 pairs = fewlabels.parse_label_csv(upload.getvalue())
             except fewlabels.LabelCsvError as exc:
                 message = f"error:Cannot import {upload.name}: {exc}"
             else:
-                report = fewlabels.import_labels(collection, pairs, dict.fromkeys(frame["path"]))
+                report = fewlabels.import_labels(view.collection, pairs, dict.fromkeys(frame["path"]))
                 message = ("ok:" if report.saved else "warning:") + report.line()
             st.session_state[done] = (upload.file_id, message)
         kind, _, text = st.session_state[done][1].partition(":")
         {"error": st.error, "warning": st.warning}.get(kind, st.success)(markup.md(text))
 
 
-def label_suggestions(frame: pd.DataFrame, labelled: dict[int, str]) -> None:
+def label_suggestions(view: View, frame: pd.DataFrame, labelled: dict[int, str]) -> None:
     st.subheader("Label these")
     left, right = st.columns([1, 3], vertical_alignment="bottom")
-    n = int(left.number_input("How many", min_value=1, max_value=40, value=SUGGESTIONS_DEFAULT, key=key("n")))
-    if right.button("Other suggestions", key=key("reshuffle")):
-        st.session_state[key("round")] = st.session_state.get(key("round"), 0) + 1
-    seed = int(st.session_state.get(key("round"), 0))
+    n = int(left.number_input("How many", min_value=1, max_value=40, value=SUGGESTIONS_DEFAULT, key=view.key("n")))
+    if right.button("Other suggestions", key=view.key("reshuffle")):
+        st.session_state[view.key("round")] = st.session_state.get(view.key("round"), 0) + 1
+    seed = int(st.session_state.get(view.key("round"), 0))
     with st.spinner("Choosing images spread over the collection…"):
-        ids = fewlabels.suggestions(collection, directory, collection.generation, n, seed,
+        ids = fewlabels.suggestions(view.collection, view.directory, view.collection.generation, n, seed,
                                     tuple(sorted(labelled)))
     if not ids:
         st.caption("Every image has a label.")
@@ -191,29 +205,29 @@ def label_suggestions(frame: pd.DataFrame, labelled: dict[int, str]) -> None:
     st.caption("One image per region of the embedding space, regions without labels first. "
                + (f"Labels so far: {markup.md(', '.join(known))}." if known
                   else "Type a label under each (or leave it empty)."))
-    table = state.item_table(collection)
-    with st.form(key("label-form"), border=False):
+    table = state.item_table(view.collection)
+    with st.form(view.key("label-form"), border=False):
         for start in range(0, len(ids), COLUMNS):
             for cell, item_id in zip(st.columns(COLUMNS), ids[start:start + COLUMNS]):
                 with cell:
-                    thumb = collection.thumbnail(item_id)
+                    thumb = view.collection.thumbnail(item_id)
                     if thumb is not None:
                         st.image(thumb, width="stretch")
                     st.caption(markup.md(table.row(item_id)["path"]))
-                    st.text_input("Label", key=key(f"label:{item_id}"), placeholder="label",
+                    st.text_input("Label", key=view.key(f"label:{item_id}"), placeholder="label",
                                   label_visibility="collapsed")
         submitted = st.form_submit_button("Save labels", type="primary")
     if submitted:
-        save_typed(ids, table)
+        save_typed(view, ids, table)
 
 
-def save_typed(ids: list[int], table: state.ItemTable) -> None:
-    typed = {str(table.row(item_id)["path"]): str(st.session_state.get(key(f"label:{item_id}")) or "").strip()
+def save_typed(view: View, ids: list[int], table: state.ItemTable) -> None:
+    typed = {str(table.row(item_id)["path"]): str(st.session_state.get(view.key(f"label:{item_id}")) or "").strip()
              for item_id in ids}
     typed = {path: text for path, text in typed.items() if text}
-    collection.set_user_labels(typed)
+    view.collection.set_user_labels(typed)
     saved = len(typed)
-    st.session_state[key("flash")] = f"Saved {saved} label{'s' if saved != 1 else ''}." if saved \
+    st.session_state[view.key("flash")] = f"Saved {saved} label{'s' if saved != 1 else ''}." if saved \
         else "Nothing to save: type a label under an image first."
     st.rerun()
 
@@ -225,39 +239,39 @@ def show_labels(labelled: dict[int, str]) -> None:
     st.caption("Your labels: " + ", ".join(f"{markup.md(name)} ({count})" for name, count in counts.items()))
 
 
-def classification(frame: pd.DataFrame, labelled: dict[int, str]) -> None:
+def classification(view: View, frame: pd.DataFrame, labelled: dict[int, str]) -> None:
     st.subheader("The whole collection")
     if len(set(labelled.values())) < 2:
         st.info("Label images of at least two classes to classify the whole collection.")
         return
-    method = st.selectbox("Classifier", fewlabels.INTERACTIVE_CLASSIFIERS, key=key("method"),
+    method = st.selectbox("Classifier", fewlabels.INTERACTIVE_CLASSIFIERS, key=view.key("method"),
                           format_func=fewlabels.CLASSIFIER_NAMES.get)
     with st.spinner("Classifying…"):
-        predictions = fewlabels.classify(collection, directory, collection.generation,
+        predictions = fewlabels.classify(view.collection, view.directory, view.collection.generation,
                                          tuple(sorted(labelled.items())), method)
     left, right = st.columns([3, 2])
-    classes = left.multiselect("Predicted class", sorted(set(labelled.values())), key=key("classes"),
+    classes = left.multiselect("Predicted class", sorted(set(labelled.values())), key=view.key("classes"),
                                placeholder="all classes")
-    minimum = right.slider("Minimum confidence", 0.0, 1.0, 0.0, 0.05, key=key("min-conf"))
+    minimum = right.slider("Minimum confidence", 0.0, 1.0, 0.0, 0.05, key=view.key("min-conf"))
     shown = fewlabels.filter_predictions(predictions, classes, minimum)
     st.caption(f"{len(shown):,} of {len(predictions):,} images. Confidence: the predicted class's share of the "
                "kNN votes, or its probability.")
     st.dataframe(shown.drop(columns=["id"]), hide_index=True, column_config={
         "confidence": st.column_config.ProgressColumn("confidence", format="percent", min_value=0, max_value=1)})
-    st.download_button("Download CSV", fewlabels.predictions_csv(shown), key=key("download"),
-                       file_name=f"{Path(directory).name}-predictions.csv", mime="text/csv", on_click="ignore")
+    st.download_button("Download CSV", fewlabels.predictions_csv(shown), key=view.key("download"),
+                       file_name=f"{Path(view.directory).name}-predictions.csv", mime="text/csv", on_click="ignore")
 
 
-def interactive_mode() -> None:
-    frame = state.item_table(collection).frame
-    import_csv(frame)
-    flash = st.session_state.pop(key("flash"), None)
+def interactive_mode(view: View) -> None:
+    frame = state.item_table(view.collection).frame
+    import_csv(view, frame)
+    flash = st.session_state.pop(view.key("flash"), None)
     if flash:
         st.success(flash)
-    labelled = fewlabels.user_labels_by_row(collection, frame)
+    labelled = fewlabels.user_labels_by_row(view.collection, frame)
     show_labels(labelled)
-    label_suggestions(frame, labelled)
-    classification(frame, labelled)
+    label_suggestions(view, frame, labelled)
+    classification(view, frame, labelled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,15 +279,21 @@ def interactive_mode() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-collection: Collection = state.require_collection()
-directory = str(Path(collection.directory).resolve())
-st.title("Few labels")
-folder = fewlabels.folder_labels(state.item_table(collection).frame)
-if len(np.unique(folder.y)) < 2:
-    st.info("Fewer than two folder labels (IMAGE_DIR/LABEL/…), so nothing to evaluate against: label images here.")
-    interactive_mode()
-elif st.radio("Mode", [EVALUATE, INTERACTIVE], horizontal=True, key=key("mode"),
-              label_visibility="collapsed") == EVALUATE:
-    evaluation_mode(folder)
-else:
-    interactive_mode()
+def render() -> None:
+    """Draw the page. Streamlit runs this file as ``__main__`` (below); importing it draws nothing."""
+    view = View.of(state.require_collection())
+    st.title("Few labels")
+    folder = fewlabels.folder_labels(state.item_table(view.collection).frame)
+    if len(np.unique(folder.y)) < 2:
+        st.info("Fewer than two folder labels (IMAGE_DIR/LABEL/…), so nothing to evaluate against: "
+                "label images here.")
+        interactive_mode(view)
+    elif st.radio("Mode", [EVALUATE, INTERACTIVE], horizontal=True, key=view.key("mode"),
+                  label_visibility="collapsed") == EVALUATE:
+        evaluation_mode(view, folder)
+    else:
+        interactive_mode(view)
+
+
+if __name__ == "__main__":
+    render()

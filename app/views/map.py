@@ -52,13 +52,13 @@ def colour_groups(collection: Collection, labels: list[object]) -> tuple[npt.NDA
     return np.array([f"cluster {c + 1}" for c in clusters], dtype=object), True
 
 
-def make_query(item_id: int) -> None:
+def make_query(collection: Collection, item_id: int) -> None:
     """Make an item the session's query and open the Neighbours page on it."""
     state.set_item_query(collection, item_id)
     st.switch_page("views/neighbours.py")
 
 
-def show_item(item_id: int) -> None:
+def show_item(collection: Collection, table: state.ItemTable, item_id: int) -> None:
     """One clicked point: its thumbnail, a button to search with it, and its nearest images."""
     row = table.row(item_id)
     thumb = collection.thumbnail(item_id)
@@ -67,16 +67,16 @@ def show_item(item_id: int) -> None:
     label = markup.md(row["label"]) if has_label(row["label"]) else "none"
     st.markdown(f"{markup.code(row['path'])}  \nlabel **{label}**")
     if st.button("Search with this image", key="map_search_selected", type="primary"):
-        make_query(item_id)
+        make_query(collection, item_id)
     hits = collection.search_id(item_id, NEIGHBOURS)
     st.markdown(f"**Top {len(hits)} neighbours**")
     tiles = [Tile(h.id, [f"**{h.score:.3f}** · {markup.md(h.label or 'unlabeled')}"]) for h in hits]
     clicked = tile_grid(collection, tiles, key="map_neighbours", columns=3)
     if clicked is not None:
-        make_query(clicked)
+        make_query(collection, clicked)
 
 
-def show_area(ids: list[int]) -> None:
+def show_area(collection: Collection, table: state.ItemTable, ids: list[int]) -> None:
     """A box or lasso: how many, which labels, and a few of the images."""
     rows = table.frame.iloc[[table.position[i] for i in ids if i in table.position]]
     st.markdown(f"**{len(rows):,} images selected**")
@@ -85,41 +85,47 @@ def show_area(ids: list[int]) -> None:
     tiles = [Tile(int(r.id), [markup.code(r.name)]) for r in rows.head(AREA_TILES).itertuples()]
     clicked = tile_grid(collection, tiles, key="map_area", columns=3)
     if clicked is not None:
-        make_query(clicked)
+        make_query(collection, clicked)
 
 
-collection = state.require_collection()
-table = state.item_table(collection)
-frame = table.frame
+def render() -> None:
+    """Draw the page. Streamlit runs this file as ``__main__`` (below); importing it draws nothing."""
+    collection = state.require_collection()
+    table = state.item_table(collection)
+    frame = table.frame
+    st.title("Map")
+    if not len(frame):
+        st.info("This collection has no indexed images yet.")
+        return
+    if not np.isfinite(frame["x"].to_numpy(np.float64)).any():
+        st.info("This collection has no map: rebuild it with `python -m indexer build` to compute one.")
+        return
 
-st.title("Map")
-if not len(frame):
-    st.info("This collection has no indexed images yet.")
-    st.stop()
-if not np.isfinite(frame["x"].to_numpy(np.float64)).any():
-    st.info("This collection has no map: rebuild it with `python -m indexer build` to compute one.")
-    st.stop()
+    groups, by_cluster = colour_groups(collection, frame["label"].tolist())
+    query = state.current_query(collection)
+    previous = mapview.read_selection((st.session_state.get(CHART_KEY) or {}).get("selection"), [])
+    keep = [*previous.ids, *([query.item_id] if query is not None and query.item_id is not None else [])]
+    drawn = mapview.build_map(frame, groups, keep_ids=keep, by_cluster=by_cluster,
+                              query_xy=query.xy if query is not None else None,
+                              query_title=query.title if query is not None else "")
 
-groups, by_cluster = colour_groups(collection, frame["label"].tolist())
-query = state.current_query(collection)
-previous = mapview.read_selection((st.session_state.get(CHART_KEY) or {}).get("selection"), [])
-keep = [*previous.ids, *([query.item_id] if query is not None and query.item_id is not None else [])]
-drawn = mapview.build_map(frame, groups, keep_ids=keep, by_cluster=by_cluster,
-                          query_xy=query.xy if query is not None else None,
-                          query_title=query.title if query is not None else "")
+    map_col, side_col = st.columns([3, 2], gap="medium")
+    with map_col:
+        event = st.plotly_chart(drawn.figure, key=CHART_KEY, on_select="rerun",
+                                selection_mode=("points", "box", "lasso"),
+                                config={"scrollZoom": True, "displaylogo": False})
+        note = f"{drawn.caption}." + (f" ★ marks the query: {markup.code(query.title)}."
+                                      if query is not None and query.xy else "")
+        st.caption(note)
+    with side_col:
+        selection = mapview.read_selection(event.selection if event is not None else None, drawn.trace_ids)
+        if not selection.ids:
+            st.info("Click a point, or draw a box or lasso (tools above the map), to see its images here.")
+        elif not selection.area:
+            show_item(collection, table, selection.ids[0])
+        else:
+            show_area(collection, table, selection.ids)
 
-map_col, side_col = st.columns([3, 2], gap="medium")
-with map_col:
-    event = st.plotly_chart(drawn.figure, key=CHART_KEY, on_select="rerun", selection_mode=("points", "box", "lasso"),
-                            config={"scrollZoom": True, "displaylogo": False})
-    note = f"{drawn.caption}." + (f" ★ marks the query: {markup.code(query.title)}." if query is not None and query.xy
-                                  else "")
-    st.caption(note)
-with side_col:
-    selection = mapview.read_selection(event.selection if event is not None else None, drawn.trace_ids)
-    if not selection.ids:
-        st.info("Click a point, or draw a box or lasso (tools above the map), to see its images here.")
-    elif not selection.area:
-        show_item(selection.ids[0])
-    else:
-        show_area(selection.ids)
+
+if __name__ == "__main__":
+    render()

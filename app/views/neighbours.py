@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from app import markup, state
 from app.components import Tile, tile_grid
 from app.minimap import MiniMap, draw_background, with_star
 from app.query import MAX_UPLOAD_MB, UPLOAD_TYPES, UploadError, embed_upload
+from indexer.collection import Collection
 
 PAGE_SIZE = 24
 UPLOAD_ROUND = "upload_round"
 
-collection = state.require_collection()
-table = state.item_table(collection)
-frame = table.frame
 
-st.title("Neighbours")
-props = collection.manifest["model"]["props"]
-st.caption(f"{markup.md(collection.directory.name)}: {len(collection):,} images · "
-           f"model {markup.md(props.get('moco.arch', '?'))} at {markup.md(props.get('moco.image_size', '?'))} px")
-
-_ = collection.model  # load the ONNX session now (once per process), not on the first upload
-query = state.current_query(collection) or state.default_query(collection)
-if query is None:
-    st.info("This collection has no indexed images yet.")
-    st.stop()
-
-
-def use_item(item_id: int) -> None:
+def use_item(collection: Collection, item_id: int) -> None:
+    """Make an item the query and redraw."""
     state.set_item_query(collection, item_id)
     # The uploader still holds the earlier upload, and a browser does not report choosing the
     # same file again: a new widget key empties it, so any later upload becomes the query.
@@ -37,49 +25,50 @@ def use_item(item_id: int) -> None:
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
-def minimap_background(directory: str, generation: int) -> MiniMap:
-    return draw_background(frame["x"].to_numpy(), frame["y"].to_numpy())
+def minimap_background(directory: str, generation: int, _frame: pd.DataFrame) -> MiniMap:
+    # directory + generation are the cache key; the table itself is not hashed.
+    return draw_background(_frame["x"].to_numpy(), _frame["y"].to_numpy())
 
 
-query_col, pick_col = st.columns([1, 2], gap="large")
+def pick_from_collection(collection: Collection, frame: pd.DataFrame) -> None:
+    """Filter by name, page through thumbnails, or draw a random image; a choice becomes the query."""
+    filter_col, random_col = st.columns([3, 1], vertical_alignment="bottom")
+    pattern = filter_col.text_input("Filter by file name", key="name_filter", placeholder="e.g. cat_ or 2024")
+    if random_col.button("Random image", width="stretch"):
+        use_item(collection, int(frame["id"].sample(1).iloc[0]))
+    matches = frame[frame["path"].str.contains(pattern, case=False, regex=False)] if pattern else frame
+    pages = max(1, -(-len(matches) // PAGE_SIZE))
+    page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="browse_page") if pages > 1 else 1
+    shown = matches.iloc[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
+    st.caption(f"{len(matches):,} images match" if pattern else f"{len(matches):,} images")
+    picked = tile_grid(collection, [Tile(int(r.id), [markup.md(r.name)]) for r in shown.itertuples()],
+                       key="browse", columns=6, button="Use")
+    if picked is not None:
+        use_item(collection, picked)
 
-with pick_col:
-    # Only the chosen picker is drawn: the browse grid's thumbnails would otherwise be sent again
-    # on every rerun, an upload included, which is what a person waits for.
-    mode = st.segmented_control("Query from", ["Upload an image", "Pick from the collection"],
-                                default="Upload an image", key="query_mode", label_visibility="collapsed")
-    if mode == "Pick from the collection":
-        filter_col, random_col = st.columns([3, 1], vertical_alignment="bottom")
-        pattern = filter_col.text_input("Filter by file name", key="name_filter", placeholder="e.g. cat_ or 2024")
-        if random_col.button("Random image", width="stretch"):
-            use_item(int(frame["id"].sample(1).iloc[0]))
-        matches = frame[frame["path"].str.contains(pattern, case=False, regex=False)] if pattern else frame
-        pages = max(1, -(-len(matches) // PAGE_SIZE))
-        page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="browse_page") if pages > 1 else 1
-        shown = matches.iloc[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
-        st.caption(f"{len(matches):,} images match" if pattern else f"{len(matches):,} images")
-        picked = tile_grid(collection, [Tile(int(r.id), [markup.md(r.name)]) for r in shown.itertuples()],
-                           key="browse", columns=6, button="Use")
-        if picked is not None:
-            use_item(picked)
-    else:
-        upload = st.file_uploader(f"Find images like this one ({', '.join(UPLOAD_TYPES)}; up to {MAX_UPLOAD_MB} MB)",
-                                  type=list(UPLOAD_TYPES), key=f"upload:{st.session_state.get(UPLOAD_ROUND, 0)}")
-        # The uploader keeps its file across reruns: only a new file becomes the query, so a
-        # rerun for another reason does not redo it (use_item empties the uploader instead).
-        if upload is not None and st.session_state.get("upload_seen") != upload.file_id:
-            st.session_state["upload_seen"] = upload.file_id
-            try:
-                embedded = embed_upload(collection, upload.name, upload.getvalue())
-            except UploadError as exc:
-                st.session_state["upload_error"] = str(exc)
-            else:
-                st.session_state.pop("upload_error", None)
-                query = state.set_upload_query(collection, embedded.name, embedded.vector, embedded.thumbnail)
-        if st.session_state.get("upload_error") and upload is not None:
-            st.error(markup.md(st.session_state["upload_error"]))
 
-with query_col:
+def upload(collection: Collection, query: state.Query) -> state.Query:
+    """The uploader; a newly chosen file becomes the query (returned), a bad one gets one line."""
+    chosen = st.file_uploader(f"Find images like this one ({', '.join(UPLOAD_TYPES)}; up to {MAX_UPLOAD_MB} MB)",
+                              type=list(UPLOAD_TYPES), key=f"upload:{st.session_state.get(UPLOAD_ROUND, 0)}")
+    # The uploader keeps its file across reruns: only a new file becomes the query, so a
+    # rerun for another reason does not redo it (use_item empties the uploader instead).
+    if chosen is not None and st.session_state.get("upload_seen") != chosen.file_id:
+        st.session_state["upload_seen"] = chosen.file_id
+        try:
+            embedded = embed_upload(collection, chosen.name, chosen.getvalue())
+        except UploadError as exc:
+            st.session_state["upload_error"] = str(exc)
+        else:
+            st.session_state.pop("upload_error", None)
+            query = state.set_upload_query(collection, embedded.name, embedded.vector, embedded.thumbnail)
+    if st.session_state.get("upload_error") and chosen is not None:
+        st.error(markup.md(st.session_state["upload_error"]))
+    return query
+
+
+def show_query(collection: Collection, frame: pd.DataFrame, query: state.Query) -> None:
+    """The query's picture, name and label, its original on request, and where it lies on the map."""
     st.subheader("Query")
     if query.thumbnail is not None:
         st.image(query.thumbnail, width=220)
@@ -94,18 +83,52 @@ with query_col:
         else:
             st.image(str(original), width="stretch")
     if query.xy is not None:
-        background = minimap_background(str(collection.directory.resolve()), collection.generation)
+        background = minimap_background(str(collection.directory.resolve()), collection.generation, frame)
         st.image(with_star(background, query.xy), caption="where the query lies on the map")
 
-k = st.select_slider("Neighbours to show", options=[5, 10, 20, 50, 100], value=10, key="k")
-if query.kind == "item" and query.item_id is not None:
-    hits = collection.search_id(query.item_id, k)
-else:
-    hits = collection.search_vector(query.vector, k)
 
-st.subheader(f"Top {len(hits)} neighbours")
-tiles = [Tile(h.id, [f"**{h.score:.3f}** · {markup.md(h.label or 'unlabeled')}",
-                     markup.code(h.path.rsplit("/", 1)[-1])]) for h in hits]
-clicked = tile_grid(collection, tiles, key="hits", columns=5)
-if clicked is not None:
-    use_item(clicked)
+def show_neighbours(collection: Collection, query: state.Query) -> None:
+    """The top k; clicking one makes it the query."""
+    k = st.select_slider("Neighbours to show", options=[5, 10, 20, 50, 100], value=10, key="k")
+    if query.kind == "item" and query.item_id is not None:
+        hits = collection.search_id(query.item_id, k)
+    else:
+        hits = collection.search_vector(query.vector, k)
+    st.subheader(f"Top {len(hits)} neighbours")
+    tiles = [Tile(h.id, [f"**{h.score:.3f}** · {markup.md(h.label or 'unlabeled')}",
+                         markup.code(h.path.rsplit("/", 1)[-1])]) for h in hits]
+    clicked = tile_grid(collection, tiles, key="hits", columns=5)
+    if clicked is not None:
+        use_item(collection, clicked)
+
+
+def render() -> None:
+    """Draw the page. Streamlit runs this file as ``__main__`` (below); importing it draws nothing."""
+    collection = state.require_collection()
+    frame = state.item_table(collection).frame
+    st.title("Neighbours")
+    props = collection.manifest["model"]["props"]
+    st.caption(f"{markup.md(collection.directory.name)}: {len(collection):,} images · "
+               f"model {markup.md(props.get('moco.arch', '?'))} at {markup.md(props.get('moco.image_size', '?'))} px")
+    _ = collection.model  # load the ONNX session now (once per process), not on the first upload
+    query = state.current_query(collection) or state.default_query(collection)
+    if query is None:
+        st.info("This collection has no indexed images yet.")
+        return
+    query_col, pick_col = st.columns([1, 2], gap="large")
+    with pick_col:
+        # Only the chosen picker is drawn: the browse grid's thumbnails would otherwise be sent again
+        # on every rerun, an upload included, which is what a person waits for.
+        mode = st.segmented_control("Query from", ["Upload an image", "Pick from the collection"],
+                                    default="Upload an image", key="query_mode", label_visibility="collapsed")
+        if mode == "Pick from the collection":
+            pick_from_collection(collection, frame)
+        else:
+            query = upload(collection, query)
+    with query_col:
+        show_query(collection, frame, query)
+    show_neighbours(collection, query)
+
+
+if __name__ == "__main__":
+    render()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from indexer.collection import Collection
+from indexer.build import build
 from tests.indexer.conftest import make_images, make_model
 
 MAIN = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
@@ -28,7 +28,7 @@ def collection_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images = make_images(base / "photos", per_class=PER_CLASS)
     model = make_model(base / "tiny.onnx")
     out = base / "indexes" / "photos"
-    Collection.build(images, out, model=model, device="cpu", progress=False).close()
+    build(images, out, model=model, device="cpu", progress=False).close()
     return out
 
 

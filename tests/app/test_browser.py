@@ -11,25 +11,18 @@ never a browser download. Without a browser the test is skipped, except where
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app import roots
-from indexer.collection import Collection
+from app import local_server, roots
+from indexer.build import build
 from tests.indexer.conftest import COLORS, make_images, make_model, picture
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def browser_available() -> bool:
@@ -37,7 +30,7 @@ def browser_available() -> bool:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         return False
-    return Path(CHROMIUM).is_file()
+    return Path(local_server.CHROMIUM).is_file()
 
 
 pytestmark = pytest.mark.skipif(
@@ -45,45 +38,12 @@ pytestmark = pytest.mark.skipif(
     reason="needs playwright and Debian's chromium (apt-get install chromium)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(log_path: Path, *app_args: str) -> Iterator[str]:
-    """``streamlit run app/main.py -- APP_ARGS`` on a free port; yields its URL, stops it after."""
-    port = free_port()
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--", *app_args],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "the server did not start within 60 s"
-            time.sleep(0.3)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def server(collection_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The app on one collection, with no --data-root (so no build form)."""
-    yield from start_server(tmp_path_factory.mktemp("server") / "streamlit.log", "--collection", str(collection_dir))
+    with local_server.serve("--collection", str(collection_dir),
+                            log=tmp_path_factory.mktemp("server") / "streamlit.log") as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +51,7 @@ def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        launched = local_server.launch_chromium(p)
         try:
             yield launched
         finally:
@@ -183,13 +143,10 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     (photos / "class0" / "innocent.png").symlink_to(outside / "secret.png")
     workdir = base / "work"
     model = make_model(workdir / "models" / "tiny.onnx")
-    Collection.build(photos, workdir / "indexes" / "photos", model=model, device="cpu", progress=False).close()
-    urls = start_server(base / "streamlit.log", "--workdir", str(workdir), "--data-root", str(allowed))
-    url = next(urls)
-    try:
-        yield {"url": url, "allowed": allowed, "outside": outside, "indexes": workdir / "indexes"}
-    finally:
-        urls.close()
+    build(photos, workdir / "indexes" / "photos", model=model, device="cpu", progress=False).close()
+    with local_server.serve("--workdir", str(workdir), "--data-root", str(allowed),
+                            log=base / "streamlit.log") as running:
+        yield {"url": running.url, "allowed": allowed, "outside": outside, "indexes": workdir / "indexes"}
 
 
 def test_a_browser_cannot_build_list_or_view_outside_the_data_roots(guarded: dict[str, Any], browser: Any) -> None:

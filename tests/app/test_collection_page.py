@@ -15,6 +15,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from app import builds, jobs, roots, state
+from indexer.build import build
 from indexer.collection import Collection
 from tests.app.conftest import make_app, plain
 from tests.indexer.conftest import add_bad_files, make_images, make_model, picture
@@ -39,7 +40,7 @@ def bad_collection(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     out = base / "indexes" / "photos"
     with warnings.catch_warnings():  # Pillow warns about the bomb the indexer then refuses
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        Collection.build(images, out, model=make_model(base / "tiny.onnx"), device="cpu", progress=False).close()
+        build(images, out, model=make_model(base / "tiny.onnx"), device="cpu", progress=False).close()
     return out, expected
 
 
@@ -206,7 +207,7 @@ def test_a_running_job_shows_its_progress_bar(tmp_path: Path, monkeypatch: pytes
 def test_update_button_embeds_new_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_images(tmp_path / "photos", per_class=3)
     directory = tmp_path / "indexes" / "photos"
-    Collection.build(root, directory, model=make_model(tmp_path / "tiny.onnx"), device="cpu", progress=False).close()
+    build(root, directory, model=make_model(tmp_path / "tiny.onnx"), device="cpu", progress=False).close()
     at = _page(directory, monkeypatch)
     assert _metric(at, "Indexed images") == "10"
     picture(4242).save(root / "class0" / "new.png")

@@ -19,6 +19,7 @@ from streamlit.testing.v1.element_tree import Button
 
 from app import fewlabels
 from indexer import fewlabel
+from indexer.build import build
 from indexer.collection import Collection
 from indexer.fewlabel import LabelBudget
 from tests.app.conftest import PER_CLASS, make_app, plain
@@ -158,7 +159,7 @@ def test_one_folder_class_offers_only_interactive_mode(tmp_path: Path, monkeypat
     for extra in ("class1", "class2"):
         shutil.rmtree(images / extra)
     out = tmp_path / "one-class"
-    Collection.build(images, out, model=make_model(tmp_path / "tiny.onnx"), device="cpu", progress=False).close()
+    build(images, out, model=make_model(tmp_path / "tiny.onnx"), device="cpu", progress=False).close()
     at = open_page(out, monkeypatch)
     assert not at.radio and not at.metric
     assert any("Fewer than two folder labels" in i.value for i in at.info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,11 @@ def test_done_stages_are_skipped_and_cancel_stops_a_child(tmp_path: Path) -> Non
     marker.touch()
     job = jobs.Job("t3", "test", [jobs.Stage("made already", python("raise SystemExit(1)"), skip=marker.exists),
                                   jobs.Stage("slow", python("import time; time.sleep(30)"))], tmp_path).start()
+    deadline = time.monotonic() + 30
     while job.states[1].status != "running":
-        assert job.ended is None
+        assert job.ended is None, job.error
+        assert time.monotonic() < deadline, "the second stage did not start within 30 s"
+        time.sleep(0.01)
     job.cancel()
     assert job.wait(10)
     assert job.status == "cancelled"

@@ -8,24 +8,16 @@ the test sees what a neighbour on the network would see, not what a config file 
 from __future__ import annotations
 
 import ipaddress
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from app import local_server
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
 
 pytestmark = pytest.mark.skipif(not TABLES[0].is_file(), reason="reads Linux's /proc/net/tcp")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> set[str]:
@@ -47,22 +39,11 @@ def listening(port: int) -> set[str]:
     return found
 
 
-def serve(cwd: Path, *flags: str) -> set[str]:
-    """Start the app's server with ``flags`` from ``cwd``; the addresses it listens on."""
-    port = free_port()
-    command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.port", str(port),
-               "--server.headless", "true", *flags, "--", "--collection", str(cwd / "no-collection")]
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not (addresses := listening(port)):
-            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
-            assert time.monotonic() < deadline, "the server did not start within 60 s"
-            time.sleep(0.2)
-        return addresses
-    finally:
-        process.terminate()
-        process.wait(10)
+def serve(cwd: Path, address: str | None = None) -> set[str]:
+    """Start the app's server from ``cwd`` (with ``--server.address`` when ``address`` is given)
+    and return the addresses it listens on once it answers."""
+    with local_server.serve("--collection", str(cwd / "no-collection"), address=address, cwd=cwd) as running:
+        return listening(running.port)
 
 
 def test_a_plain_start_from_the_repository_listens_on_loopback_only() -> None:
@@ -75,5 +56,5 @@ def test_a_start_from_another_folder_listens_on_loopback_only(tmp_path: Path) ->
 
 def test_the_command_line_flag_wins() -> None:
     # Another loopback address, so the test never opens the machine to the network.
-    assert serve(ROOT, "--server.address", "127.0.0.2") == {"127.0.0.2"}
+    assert serve(ROOT, "127.0.0.2") == {"127.0.0.2"}
 

@@ -14,6 +14,8 @@ from streamlit.proto.WidgetStates_pb2 import WidgetState
 from streamlit.testing.v1 import AppTest
 
 from app import mapview, state
+from indexer.analysis import kmeans_labels
+from indexer.build import build
 from indexer.collection import Collection
 from tests.app.conftest import make_app
 from tests.indexer.conftest import COLORS, make_model, picture
@@ -45,7 +47,13 @@ def _select(at: AppTest, selection: dict[str, Any]) -> AppTest:
     """Rerun as if the person had selected on the chart.
 
     AppTest has no plotly widget, so the chart's widget state (the JSON the front end sends)
-    is added to the other widgets' states by hand: the same message a browser would send."""
+    is added to the other widgets' states by hand: the same message a browser would send.
+
+    The one use of AppTest internals (``_tree``, ``_run``) in the app tests, because the public
+    API cannot express it in Streamlit 1.67: ``AppTest`` offers no plotly element with a
+    ``set_value`` (``at.get("plotly_chart")`` gives an element without one), and writing the
+    chart's key in ``at.session_state`` is refused (``st.plotly_chart`` registers its selection
+    with ``writes_allowed=False``). Everything else goes through ``run()`` and the widgets."""
     chart, _ = _chart(at)
     states = at._tree.get_widget_states()
     state = WidgetState(id=chart.proto.id, string_value=json.dumps({"selection": selection}))
@@ -84,8 +92,12 @@ def test_colour_by_cluster_groups_the_points_by_k_means(collection_dir: Path, mo
     _, spec = _chart(at)
     traces = [t for t in spec["data"] if t["type"] == "scattergl"]
     assert sorted(t["name"] for t in traces) == ["cluster 1", "cluster 2", "cluster 3"]
-    assert sum(len(_array(t["customdata"])) for t in traces) == 37
-    # The tiny model keeps the three colour classes apart, so each cluster is mostly one label.
+    # Each point is drawn in the trace of its own k-means cluster, as indexer computes it.
+    with Collection.open(collection_dir, device="cpu") as col:
+        expected = {int(i): f"cluster {c + 1}" for i, c in zip(col.ids, kmeans_labels(col.vectors, 3))}
+    drawn = {int(i): t["name"] for t in traces for i in _array(t["customdata"])}
+    assert drawn == expected and len(drawn) == 37
+    # The hover names each point's folder label, since the colour no longer says it.
     assert all("label: class" in text or "label: (no label)" in text for t in traces for text in t["hovertext"])
 
 
@@ -94,8 +106,8 @@ def test_a_collection_without_labels_is_coloured_by_cluster(tmp_path: Path, monk
     for i in range(16):  # files directly in the root have no label
         picture(i, COLORS[i % 2]).save(tmp_path / "loose" / f"{i}.png")
     out = tmp_path / "indexes" / "loose"
-    Collection.build(tmp_path / "loose", out, model=make_model(tmp_path / "tiny.onnx"), device="cpu",
-                     progress=False).close()
+    build(tmp_path / "loose", out, model=make_model(tmp_path / "tiny.onnx"), device="cpu",
+          progress=False).close()
     at = _map_app(out, monkeypatch)
     assert not at.radio  # nothing to choose: clusters are the only colouring
     _, spec = _chart(at)
@@ -142,7 +154,11 @@ def test_clicking_a_point_shows_it_and_its_neighbours(collection_dir: Path, monk
     neighbour_buttons = [b for b in at.button if b.key and b.key.startswith("map_neighbours:")]
     assert [int(b.key.split(":")[1]) for b in neighbour_buttons] == [h.id for h in hits]
     neighbour_buttons[0].click().run()  # makes it the query and opens the Neighbours page
+    assert not at.exception, at.exception
     assert at.session_state[_query_key(collection_dir)].item_id == hits[0].id
+    assert [t.value for t in at.title] == ["Neighbours"]
+    with Collection.open(collection_dir, device="cpu") as col:
+        assert any(m.value.startswith(f"`{col.item(hits[0].id).path}`") for m in at.markdown)
 
 
 def test_a_box_selection_shows_a_few_of_the_selected_images(collection_dir: Path,

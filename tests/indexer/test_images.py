@@ -145,17 +145,39 @@ def test_error_survives_pickling() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's TIFF plugin warns about bad tags
-def test_garbage_after_valid_header_raises_only_decode_error(tmp_path: Path) -> None:
-    # Valid signatures followed by junk exercise the deeper decoder paths.
+def test_garbage_after_valid_header_raises_only_decode_error() -> None:
+    """A valid start followed by junk is refused with ImageDecodeError, never another exception.
+
+    Formats whose data has structure a decoder checks (PNG's zlib stream, GIF's LZW codes, BMP's
+    and TIFF's sizes) are refused at every cut. JPEG and WebP decoders conceal damaged
+    entropy-coded data as browsers do (no checksum tells junk from data), so past a complete
+    header they give the picture at its announced size; cut inside the header, they are refused.
+    """
     rng = np.random.default_rng(1)
     junk = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    reasons = {"not an image", "corrupt", "truncated", "decompression bomb"}
     for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"):
         good = _encode(_noise(), fmt)
         for cut in (16, 64, len(good) // 3):
-            try:
-                load_rgb_bytes(good[:cut] + junk)
-            except ImageDecodeError:
-                pass
+            data = good[:cut] + junk
+            if fmt in ("JPEG", "WEBP") and cut == len(good) // 3:
+                concealed = load_rgb_bytes(data)
+                assert (concealed.mode, concealed.size) == ("RGB", (64, 48)), (fmt, cut)
+                continue
+            with pytest.raises(ImageDecodeError) as info:
+                load_rgb_bytes(data)
+            assert info.value.reason in reasons, (fmt, cut, str(info.value))
+
+
+def test_a_damaged_png_is_refused_not_decoded_half_black(tmp_path: Path) -> None:
+    """Reading EXIF must not hide a failed decode: Pillow's PNG getexif() loads the pixels, and a
+    second load() after a failed one used to return the half-decoded picture (black rows)."""
+    good = _encode(_noise(), "PNG")
+    damaged = good[: len(good) // 3] + bytes(range(256)) * 8
+    with pytest.raises(ImageDecodeError, match="corrupt|truncated"):
+        load_rgb_bytes(damaged)
+    with pytest.raises(ImageDecodeError, match="corrupt|truncated"):
+        load_rgb(_write(tmp_path / "damaged.png", damaged))
 
 
 # ----------------------------------------------------------------------------------------------

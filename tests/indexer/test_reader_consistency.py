@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from indexer.collection import Collection, update
+from indexer.build import build, update
+from indexer.collection import Collection
 
 from .conftest import COLORS, make_model, picture
 
@@ -62,7 +64,7 @@ def _consistent(col: Collection) -> None:
 
 
 def test_reader_held_across_updates_answers_from_its_generation(tmp_path, image_dir, tiny_model):
-    old = Collection.build(image_dir, tmp_path / "col", model=tiny_model, **OPTS)
+    old = build(image_dir, tmp_path / "col", model=tiny_model, **OPTS)
     before = _snapshot(old)
     removed = ["class0/img01.png", "class1/img02.jpg", "class2/img03.png"]
     # update 1: remove three files, add two, change one
@@ -71,11 +73,11 @@ def test_reader_held_across_updates_answers_from_its_generation(tmp_path, image_
     picture(901, COLORS[0]).save(image_dir / "class0" / "new1.png")
     picture(902, COLORS[1]).save(image_dir / "class1" / "new2.jpg")
     picture(903, COLORS[2]).save(image_dir / "class2" / "img00.jpg")
-    Collection.open(tmp_path / "col").update(**OPTS).close()
+    update(tmp_path / "col", **OPTS).close()
     # update 2: remove more, add more; its commit deletes the rows update 1 removed
     (image_dir / "class1" / "img04.jpg").unlink()
     picture(904, COLORS[2]).save(image_dir / "class2" / "new3.png")
-    newest = Collection.open(tmp_path / "col").update(**OPTS)
+    newest = update(tmp_path / "col", **OPTS)
     # the rows the old reader needs are really gone from the file (so the test means something)
     conn = sqlite3.connect(tmp_path / "col" / "items.sqlite")
     paths = {r[0] for r in conn.execute("SELECT path FROM items")}
@@ -96,11 +98,11 @@ def test_reader_held_across_updates_answers_from_its_generation(tmp_path, image_
 def test_model_of_an_old_generation_loads_after_its_file_is_gone(tmp_path, image_dir, tiny_model):
     """Rebuilt with another model, twice committed since: the old reader still embeds queries
     with its own model (held open since it opened), and its searches still agree with its vectors."""
-    old = Collection.build(image_dir, tmp_path / "col", model=tiny_model, **OPTS)
+    old = build(image_dir, tmp_path / "col", model=tiny_model, **OPTS)
     other = make_model(tmp_path / "other.onnx", dim=8, seed=3)
-    Collection.open(tmp_path / "col").update(model=other, rebuild=True, **OPTS).close()
+    update(tmp_path / "col", model=other, rebuild=True, **OPTS).close()
     picture(77, COLORS[1]).save(image_dir / "class1" / "late.png")
-    newest = Collection.open(tmp_path / "col").update(**OPTS)
+    newest = update(tmp_path / "col", **OPTS)
     assert newest.dim == 8 and newest.manifest["model_file"] != old.manifest["model_file"]
     assert not (tmp_path / "col" / old.manifest["model_file"]).exists()  # deleted two commits later
     assert old.model.dim == 16
@@ -110,7 +112,7 @@ def test_model_of_an_old_generation_loads_after_its_file_is_gone(tmp_path, image
 
 
 def test_readers_opening_while_updates_commit_are_always_consistent(tmp_path, image_dir, tiny_model):
-    Collection.build(image_dir, tmp_path / "col", model=tiny_model, **OPTS).close()
+    build(image_dir, tmp_path / "col", model=tiny_model, **OPTS).close()
     errors: list[BaseException] = []
     done = threading.Event()
 
@@ -120,22 +122,25 @@ def test_readers_opening_while_updates_commit_are_always_consistent(tmp_path, im
                 picture(2000 + step, COLORS[step % 3]).save(image_dir / f"class{step % 3}" / f"w{step}.png")
                 if step:
                     (image_dir / f"class{(step - 1) % 3}" / f"w{step - 1}.png").unlink()
-                Collection.open(tmp_path / "col").update(**OPTS).close()
+                update(tmp_path / "col", **OPTS).close()
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
         finally:
             done.set()
 
-    thread = threading.Thread(target=writer)
+    thread = threading.Thread(target=writer, daemon=True)  # a hung writer cannot hold pytest open
     thread.start()
     held: list[Collection] = []
     opened = 0
+    deadline = time.monotonic() + 300  # five small updates take seconds; a hung writer fails here
     while not done.is_set() or opened < 3:
+        assert time.monotonic() < deadline, "the updates did not finish within 300 s"
         col = Collection.open(tmp_path / "col", device="cpu")
         _consistent(col)
         held.append(col)  # kept open: each is checked again after all updates
         opened += 1
-    thread.join()
+    thread.join(60)
+    assert not thread.is_alive()
     assert not errors, errors
     generations = {col.generation for col in held}
     assert len(generations) >= 2, "the readers never overlapped a commit; the test proves nothing"
@@ -146,7 +151,7 @@ def test_readers_opening_while_updates_commit_are_always_consistent(tmp_path, im
 @pytest.mark.parametrize("closing", [True, False])
 def test_closed_reader_lets_the_wal_fold_back(tmp_path, image_dir, tiny_model, closing):
     """The snapshot's documented cost: it pins the WAL only while the reader is open."""
-    col = Collection.build(image_dir, tmp_path / "col", model=tiny_model, **OPTS)
+    col = build(image_dir, tmp_path / "col", model=tiny_model, **OPTS)
     if closing:
         col.close()
     picture(3000, COLORS[0]).save(image_dir / "class0" / "wal.png")
@@ -161,7 +166,7 @@ def test_closed_reader_lets_the_wal_fold_back(tmp_path, image_dir, tiny_model, c
 
 
 def test_user_labels_are_read_fresh_by_an_open_reader(tmp_path, image_dir, tiny_model):
-    col = Collection.build(image_dir, tmp_path / "col", model=tiny_model, **OPTS)
+    col = build(image_dir, tmp_path / "col", model=tiny_model, **OPTS)
     other = Collection.open(tmp_path / "col")
     col.set_user_labels({"class0/img00.jpg": "cat"})
     assert other.user_labels() == {"class0/img00.jpg": "cat"}
