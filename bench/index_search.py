@@ -37,12 +37,12 @@ def cifar_embeddings(model: Path, data_root: Path, cache: Path) -> tuple[np.ndar
         data_root.mkdir(parents=True, exist_ok=True)
         with tarfile.open(CIFAR_TAR) as tar:
             tar.extractall(data_root, filter="data")
-    from indexer.collection import Collection
+    from indexer.build import build
 
     out = []
     for split in ("train", "test"):
-        col = Collection.build(data_root / "cifar10" / split, cache / f"col-cifar-{split}", model=model, device="cpu",
-                               batch_size=64, progress=True, projection_fit_max=1000)
+        col = build(data_root / "cifar10" / split, cache / f"col-cifar-{split}", model=model, device="cpu",
+                    batch_size=64, progress=True, projection_fit_max=1000)
         out.append(np.asarray(col.vectors, dtype=np.float32).copy())
         print(f"embedded CIFAR-10 {split}: {col.summary.images_per_second:.0f} images/s", flush=True)
     np.save(cache / "cifar-train.npy", out[0])

@@ -9,7 +9,7 @@ from a one-epoch run; the weights do not change the cost):
 (b) model only: ONNX Runtime on ready uint8 arrays, best batch size;
 (c) ceiling: 2 / (t_decode + t_infer) images/s for this 2-core machine, with t_decode one core's
     time to decode (JPEG draft) + resize one image, t_infer = 2 / rate(b) core-seconds per image;
-pipeline: `Collection.build` (decode pool + batched inference + SQLite rows, thumbnails and hashes),
+pipeline: `indexer.build.build` (decode pool + batched inference + SQLite rows, thumbnails and hashes),
     images/s over the embedding phase, for a few (decode workers, ORT threads) settings.
 
 Data: /work/shared/data/imagenet-sample-500.tar, extracted to /tmp/data (never into the repo).
@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from indexer.collection import Collection  # noqa: E402
+from indexer.build import build  # noqa: E402
 from indexer.embed import EmbeddingModel  # noqa: E402
 from indexer.images import apply_resize, load_rgb, scan_images, to_uint8_array  # noqa: E402
 
@@ -106,8 +106,8 @@ def pipeline(images: Path, model_path: Path, out: Path, workers: int, threads: i
 
     os.environ["INDEXER_ORT_SPIN"] = "1" if spin else "0"
     shutil.rmtree(out, ignore_errors=True)
-    col = Collection.build(images, out, model=model_path, device="cpu", workers=workers, threads=threads,
-                           batch_size=batch, projection_fit_max=500)
+    col = build(images, out, model=model_path, device="cpu", workers=workers, threads=threads,
+                batch_size=batch, projection_fit_max=500)
     summary = col.summary
     col.close()
     return summary.images_per_second

@@ -13,13 +13,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Public name -> sub-module that defines it, e.g. "Collection": "collection" once that module
-# exists. Resolved on first access, so importing the package itself stays cheap.
+# Public name -> sub-module that defines it. Resolved on first access, so importing the package
+# itself stays cheap.
 _LAZY: dict[str, str] = {"Collection": "collection"}
 
 # Sub-modules that may be reached as attributes of the package without importing them first.
 _SUBMODULES: frozenset[str] = frozenset({"images", "analysis", "fewlabel"})
-# (The indexer's heavy sub-modules, ann/embed/collection/..., are imported explicitly.)
+# (The indexer's heavy sub-modules, ann/embed/collection/build/..., are imported explicitly.)
 
 __all__: list[str] = sorted(_LAZY)
 

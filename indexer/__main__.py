@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from indexer.cli import DEVICES, OneLineParser, UsageError, positive_int, similarity
+
 EXAMPLES = """examples:
   python -m indexer build photos/ --model models/flowers.onnx       # -> indexes/photos
   python -m indexer update indexes/photos
@@ -30,45 +32,18 @@ exit codes: 0 done; 1 no image could be indexed; 2 bad input
 """
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (exit 2) instead of the whole usage block."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _similarity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a similarity in (-1, 1], got {text!r}") from None
-    if not -1.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a similarity in (-1, 1], got {value}")
-    return value
-
-
 def _writer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="ONNX model from 'python -m exports' (default: the newest "
                    "models/*.onnx for build; the collection's own model for update)")
     p.add_argument("--index", default="auto", help="auto (exact up to 20k items at D=512, then IVF tuned to "
                    "recall@10 >= 0.95), flat, hnsw, ivf, or a FAISS factory string such as 'IVF1024,SQ8'")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where ONNX Runtime and FAISS run (default auto: GPU when usable)")
-    p.add_argument("--batch-size", type=_positive, default=64, help="images per model call (default 64)")
-    p.add_argument("--workers", type=_positive, default=None, help="decoding threads (default: one per core)")
-    p.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime threads (default: one per "
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (default 64)")
+    p.add_argument("--workers", type=positive_int, default=None, help="decoding threads (default: one per core)")
+    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default: one per "
                    "physical core)")
-    p.add_argument("--max-pixels", type=_positive, default=None, help="refuse images with more pixels than "
+    p.add_argument("--max-pixels", type=positive_int, default=None, help="refuse images with more pixels than "
                    "this (decompression-bomb guard; default 100,000,000)")
     p.add_argument("--rebuild", action="store_true", help="re-embed everything (needed after changing the model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -99,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="the most similar images to a query image")
     p.add_argument("collection", type=Path)
     p.add_argument("query", type=Path, help="query image file")
-    p.add_argument("-k", type=_positive, default=10, help="number of results (default 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {id, path, score, label}, best first")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
 
     p = sub.add_parser("info", help="what a collection holds: counts, model, index recipe, measured recall")
     p.add_argument("collection", type=Path)
@@ -113,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dupes", help="groups of near-duplicate images")
     p.add_argument("collection", type=Path)
-    p.add_argument("--threshold", type=_similarity, default=None, help="cosine similarity above which two "
+    p.add_argument("--threshold", type=similarity, default=None, help="cosine similarity above which two "
                    "images are duplicates (default 0.95)")
     p.add_argument("--json", action="store_true", help="print a JSON list of groups of {id, path}")
 
@@ -121,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parts", type=Path, nargs="+", metavar="PART")
     p.add_argument("--out", type=Path, required=True, help="the merged collection")
     p.add_argument("--index", default="auto", help="index recipe, as for build")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -141,8 +116,8 @@ def _print_summary(summary: Any, directory: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from indexer import ann
-    from indexer.collection import Collection, describe_recipe, parse_shard
+    from indexer import ann, build, merge
+    from indexer.collection import Collection
 
     if args.command in ("build", "update"):
         try:
@@ -151,26 +126,24 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     if args.command == "build":
         try:
-            shard = parse_shard(args.shard)
+            shard = build.parse_shard(args.shard)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         out = args.out
         if out is None:
             name = args.image_dir.expanduser().resolve().name
             out = Path("indexes") / (f"{name}.part-{shard[0]}-of-{shard[1]}" if shard else name)
-        col = Collection.build(args.image_dir, out, model=args.model, rebuild=args.rebuild, shard=shard,
-                               **_options(args))
+        col = build.build(args.image_dir, out, model=args.model, rebuild=args.rebuild, shard=shard,
+                          **_options(args))
         _print_summary(col.summary, out)
         return 0
     if args.command == "update":
-        from indexer.collection import update
-
-        new = update(args.collection, model=args.model, rebuild=args.rebuild, **_options(args))
+        new = build.update(args.collection, model=args.model, rebuild=args.rebuild, **_options(args))
         _print_summary(new.summary, args.collection)
         return 0
     if args.command == "merge":
-        col = Collection.merge(args.parts, args.out, index=args.index, device=args.device,
-                               progress=not args.no_progress)
+        col = merge.merge(args.parts, args.out, index=args.index, device=args.device,
+                          progress=not args.no_progress)
         _print_summary(col.summary, args.out)
         return 0
 
@@ -203,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             f"model       {props.get('moco.arch', '?')} {props.get('moco.preset', '')}, "
             f"{props.get('moco.image_size', '?')} px, "
             f"D={m['dim']}, sha256 {m['model']['sha256'][:12]}",
-            "index       " + describe_recipe(m["index"]["recipe"]),
+            "index       " + ann.describe_recipe(m["index"]["recipe"]),
             f"vectors     {sum(p['count'] for p in m['vectors']):,} rows in {len(m['vectors'])} file(s)",
             f"map         {m['projection']['fit_points']:,} points fitted by t-SNE, the rest placed"
             if m.get("projection") else "map         none",
@@ -235,10 +208,6 @@ def run(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command}")
 
 
-class UsageError(Exception):
-    """Bad input found after parsing; printed as one line, exit code 2."""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -250,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     # warning for each such file would only clutter the progress bar.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     prog = f"python -m indexer {args.command}"
-    from indexer.collection import NothingIndexed
+    from indexer.build import NothingIndexed
     from indexer.embed import ModelError
     from indexer.store import CollectionError, one_line
 

@@ -16,7 +16,6 @@ FAISS API boundary (:func:`gpu_count`, :func:`to_gpu`, :class:`Searcher`), teste
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 import faiss
 import numpy as np
 import numpy.typing as npt
+
+from indexer.files import fsync_file
 
 __all__ = [
     "FLAT_MAX",
@@ -35,6 +36,7 @@ __all__ = [
     "build_index",
     "build_recipe",
     "choose_recipe",
+    "describe_recipe",
     "exact_knn",
     "gpu_count",
     "load_index",
@@ -43,7 +45,7 @@ __all__ = [
 
 FLAT_MAX = 20_000
 """Largest collection (at D=512; scaled by 512/D for other widths) searched exactly by ``auto``.
-Measured on 2 CPU cores (bench/INDEXER_RESULTS.md): one exact query scans memory at ~10 GB/s,
+Measured on 2 CPU cores (BENCHMARKS.md, bench/index_search.py): one exact query scans memory at ~10 GB/s,
 9-10 ms at 50k and 18 ms at 100k vectors of 512 floats, so 20k (~4 ms) is what fits the 5 ms
 budget; beyond it IVF answers in under 1 ms at recall@10 >= 0.95."""
 
@@ -81,6 +83,23 @@ class Recipe:
     def from_json(cls, data: dict[str, Any]) -> Recipe:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+def describe_recipe(recipe: dict[str, Any]) -> str:
+    """One line for people from a recipe as the manifest stores it (:meth:`Recipe.to_json`): what
+    was built and what it measured, for ``info``, the build summary and the app."""
+    params = ", ".join(f"{k}={v}" for k, v in (recipe.get("params") or {}).items())
+    recall = recipe.get("recall_at_10")
+    text = f"{recipe.get('name')} ({recipe.get('factory')}{'; ' + params if params else ''})"
+    if recall is not None:
+        text += f", recall@10 {recall:.3f}"
+        if recipe.get("measured_queries"):
+            text += f" on {recipe['measured_queries']} held-out queries"
+    if recipe.get("latency_p50_ms") is not None and recipe.get("latency_p99_ms") is not None:
+        text += f", p50 {recipe['latency_p50_ms']:.2f} ms / p99 {recipe['latency_p99_ms']:.2f} ms per query"
+    if recipe.get("note"):
+        text += f" ({recipe['note']})"
+    return text
 
 
 def available_memory() -> int:
@@ -379,16 +398,12 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> bool:
 def save_index(index: faiss.Index, path: Path) -> None:
     """Write a CPU index (never a GPU one: GPU indexes cannot be serialised) and fsync it."""
     faiss.write_index(index, str(path))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)
 
 
-def load_index(path: Path, *, mmap: bool = False) -> faiss.Index:
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    return faiss.read_index(str(path), flags)
+def load_index(path: Path) -> faiss.Index:
+    """Read an index written by :func:`save_index` (raises FAISS's RuntimeError when it cannot)."""
+    return faiss.read_index(str(path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from indexer import runtime
+from indexer.files import sha256_file
 from indexer.images import (
     DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_PIXELS,
@@ -30,80 +32,19 @@ from indexer.images import (
     apply_resize,
     load_rgb,
     load_rgb_bytes,
-    open_regular_file,
     parse_resize_recipe,
     read_image,
     thumbnail_jpeg,
     to_uint8_array,
 )
 
-__all__ = ["Decoded", "EmbeddingModel", "ModelError", "decode_file", "embed_files", "file_sha256"]
+__all__ = ["Decoded", "EmbeddingModel", "ModelError", "decode_file", "embed_files"]
 
 REQUIRED_PROPS = ("moco.format_version", "moco.image_size", "moco.embedding_dim", "moco.resize")
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 
 
 class ModelError(ValueError):
     """A model that is missing or does not follow Contract 2; one line for the user."""
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Content hash of a file (the model's identity, and a file's when size/mtime changed).
-
-    Opened through :func:`indexer.images.open_regular_file`: an image replaced by a FIFO of the
-    same name would otherwise block ``update`` forever. Anything but a readable regular file
-    is an ``OSError``."""
-    digest = hashlib.sha256()
-    try:
-        fh = open_regular_file(path)
-    except ImageDecodeError as exc:
-        raise OSError(_text(str(exc))) from None
-    with fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def physical_cores() -> int:
-    """Cores this process may use, counting SMT siblings once (ORT GEMMs gain nothing from SMT)."""
-    try:
-        logical = len(os.sched_getaffinity(0))
-    except AttributeError:
-        logical = os.cpu_count() or 1
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
-        per_core = sum(int(b) - int(a) + 1 if b else 1
-                       for a, _, b in (p.partition("-") for p in text.split(",")))
-    except (OSError, ValueError):
-        per_core = 1
-    return max(1, logical // max(1, per_core))
-
-
-@functools.cache
-def cuda_usable() -> bool:
-    """True when ONNX Runtime really runs on CUDA here (the GPU wheel lists it everywhere)."""
-    import onnxruntime as ort
-
-    if CUDA not in ort.get_available_providers():
-        return False
-    ort.set_default_logger_severity(4)  # the failed CUDA load would print a page of red text
-    try:
-        from onnx import TensorProto, helper
-
-        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=[CUDA, CPU])
-        return CUDA in session.get_providers()
-    except Exception:  # noqa: BLE001 - any failure means CUDA is not usable
-        return False
-    finally:
-        ort.set_default_logger_severity(2)
 
 
 MODEL_FORMAT_VERSION = 1
@@ -122,34 +63,19 @@ class EmbeddingModel:
                  spin: bool | None = None, data: bytes | None = None) -> None:
         """Load and check a model. ``data``: the file's bytes, read by a caller that holds the file
         open because its name may be gone by now (a reader of an older collection generation);
-        ``path`` then only names it in messages."""
-        import onnxruntime as ort
-
+        ``path`` then only names it in messages. The session is :func:`indexer.runtime.make_session`'s,
+        the one export verification runs on too; ``spin``: see :func:`indexer.runtime.session_options`."""
         self.path = Path(path)
         self._data_sha256 = hashlib.sha256(data).hexdigest() if data is not None else None
         if data is None and not self.path.is_file():
             raise ModelError(f"model not found: {self.path}")
-        if device not in ("auto", "cpu", "cuda"):
-            raise ModelError(f"--device must be auto, cpu or cuda, got {device!r}")
-        providers = [CPU]
-        if device != "cpu" and cuda_usable():
-            providers = [CUDA, CPU]
-        elif device == "cuda":
-            raise ModelError("--device cuda was asked for, but ONNX Runtime cannot use CUDA here")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or physical_cores()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        # ORT's idle threads busy-wait between runs by default; while the decode pool needs the same
-        # cores that only burns them, so spinning is off unless asked for (INDEXER_ORT_SPIN=1).
-        if spin is None:
-            spin = os.environ.get("INDEXER_ORT_SPIN") == "1"
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
-            self.session = ort.InferenceSession(str(self.path) if data is None else data, options,
-                                                providers=providers)
+            runtime.providers_for(device)  # an unusable device is the user's error, not the file's
+        except runtime.RuntimeUnavailable as exc:
+            raise ModelError(str(exc)) from None
+        try:
+            self.session = runtime.make_session(self.path if data is None else data, device, threads=threads,
+                                                spin=spin)
         except Exception as exc:  # noqa: BLE001 - ORT raises several types for bad files
             raise ModelError(f"{self.path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
         self.props: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -168,6 +94,9 @@ class EmbeddingModel:
         if version > MODEL_FORMAT_VERSION:
             raise ModelError(f"{self.path} is a model of format {version}, newer than this indexer reads "
                              f"({MODEL_FORMAT_VERSION}); upgrade the indexer")
+        if version < 1:  # formats start at 1: anything below was not written by 'python -m exports'
+            raise ModelError(f"{self.path}: moco.format_version {version} is not a format this indexer knows "
+                             f"(1 to {MODEL_FORMAT_VERSION}); export it again with 'python -m exports'")
         if self.image_size < 1 or self.dim < 1:
             raise ModelError(f"{self.path}: bad moco.* metadata: image size {self.image_size}, "
                              f"embedding dimension {self.dim}")
@@ -213,7 +142,7 @@ class EmbeddingModel:
 
     @functools.cached_property
     def sha256(self) -> str:
-        return self._data_sha256 or file_sha256(self.path)
+        return self._data_sha256 or sha256_file(self.path)
 
     def embed(self, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """Embed a uint8 [N,S,S,3] batch; float32 [N,D]."""
@@ -290,7 +219,7 @@ def embed_files(
     (bad files carry no vector). ``window`` bounds the files in flight (default 4 batches):
     the pool decodes the next batches while ONNX Runtime runs the current one.
     """
-    workers = workers or physical_cores()
+    workers = workers or runtime.physical_cores()
     window = window or max(2 * batch_size, 4 * batch_size)
     decode = functools.partial(decode_file, resize=model.resize, short_side=model.short_side,
                                max_pixels=max_pixels)

@@ -3,42 +3,48 @@
 Parts are embedded independently (one per machine or GPU); merging copies their rows,
 thumbnails and vectors, re-numbers items in path order (so ids equal those of a single build
 of the same folder) and trains the index once, on a sample of all vectors, instead of merging
-per-part indexes whose IVF centroids would differ. The same commit protocol as a build applies.
+per-part indexes whose IVF centroids would differ. The same commit protocol as a build applies:
+the generation is finished and committed by :func:`indexer.build.finish` and
+:func:`indexer.build.commit`, and the parts are read through the public reader only.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from indexer import store
-from indexer.collection import BuildSummary, Collection, _Writer
+from indexer import build, store
+from indexer.collection import Collection
+from indexer.vectors import write_part
 
-__all__ = ["merge_parts"]
+__all__ = ["merge"]
 
 CHUNK = 8192
 
 
-def merge_parts(parts: list[Path], out: Path, *, index: str = "auto", device: str = "auto",
-                progress: bool = False, projection_fit_max: int | None = None, **_: Any) -> BuildSummary:
-    """Merge ``parts`` into the collection ``out`` (created, or replaced by a new generation)."""
+def merge(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *, index: str = "auto",
+          device: str = "auto", progress: bool = False, projection_fit_max: int | None = None) -> Collection:
+    """Merge ``parts`` into the collection ``out`` (created, or replaced by a new generation);
+    returns it opened, with the run's :class:`indexer.build.BuildSummary` as ``summary``."""
     t0 = time.perf_counter()
-    if not parts:
+    paths, out = [Path(p) for p in parts], Path(out)
+    if not paths:
         raise store.CollectionError("merge needs at least one part collection")
+    opts = build.Options(index=index, device=device, progress=progress)
+    if projection_fit_max is not None:
+        opts.projection_fit_max = projection_fit_max
     opened: list[Collection] = []
     try:
-        for p in parts:
+        for p in paths:
             opened.append(Collection.open(p, device="cpu"))
-        _check_parts(parts, opened)
+        _check_parts(paths, opened)
         model = opened[0].model  # checked against the parts' manifests before anything is written
-        options: dict[str, Any] = {"index": index, "device": device, "progress": progress}
-        if projection_fit_max is not None:
-            options["projection_fit_max"] = projection_fit_max
-        writer = _Writer(out, **options)
         with store.WriterLock(out):
             prev = store.read_manifest(out) if (out / store.MANIFEST).exists() else None
             gen = (int(prev["generation"]) if prev else 0) + 1
@@ -48,33 +54,28 @@ def merge_parts(parts: list[Path], out: Path, *, index: str = "auto", device: st
                 with conn:
                     conn.execute("UPDATE items SET removed_gen = ? WHERE removed_gen IS NULL", (gen,))
                 next_id = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0]) + 1
-                rows = []
-                for k, col in enumerate(opened):
-                    for r in col._conn.execute(f"SELECT * FROM items WHERE {store.visible()}",
-                                               {"gen": col.generation}):
-                        rows.append((r["path"], k, dict(r)))
-                rows.sort(key=lambda t: t[0])
-                paths = [t[0] for t in rows]
-                if len(set(paths)) != len(paths):
+                rows = sorted(((r["path"], k, r) for k, col in enumerate(opened) for r in col.records()),
+                              key=lambda t: t[0])
+                paths_in_order = [t[0] for t in rows]
+                if len(set(paths_in_order)) != len(paths_in_order):
                     raise store.CollectionError("the parts overlap (the same file is in two parts); merge parts of "
                                                 "one sharded build only")
-                summary = BuildSummary()
-                part = _copy(out, gen, next_id, rows, opened, conn, summary)
+                summary = build.BuildSummary()
+                part = write_part(out, f"{gen:06d}", _copy(gen, next_id, rows, opened, conn))
                 store.crash_point("vectors-written")
-                writer.shard = None
-                manifest = writer._finish(conn, prev, model, opened[0].image_root, gen, True, part, summary)
+                manifest = build.finish(out, conn, prev, model, opened[0].image_root, gen, part, summary, opts,
+                                        full=True)
             finally:
                 conn.close()
-            manifest["merged_from"] = [str(p) for p in parts]
+            manifest["merged_from"] = [str(p) for p in paths]
             summary.seconds = round(time.perf_counter() - t0, 2)
-            store.write_manifest(out, manifest)
-            store.crash_point("manifest-written")
-            store.remove_unreferenced(out, manifest, prev or {})
-            store.forget_removed(out, gen - 1)
-        return summary
+            build.commit(out, manifest, prev)
     finally:
         for col in opened:
             col.close()
+    merged = Collection.open(out, device=device)
+    merged.summary = summary
+    return merged
 
 
 def _check_parts(paths: list[Path], parts: list[Collection]) -> None:
@@ -100,34 +101,21 @@ def _check_parts(paths: list[Path], parts: list[Collection]) -> None:
                                         if missing else "a shard is given twice")
 
 
-def _copy(out: Path, gen: int, next_id: int, rows: list[tuple[str, int, dict[str, Any]]],
-          parts: list[Collection], conn: Any, summary: BuildSummary) -> dict[str, Any]:
-    """Copy rows (re-numbered in path order), thumbnails and vectors into ``out``."""
-    vec_name, ids_name = f"vectors-{gen:06d}.f32", f"ids-{gen:06d}.npy"
-    part_ids = [c.ids for c in parts]
-    ids_out: list[int] = []
-    with open(out / vec_name, "wb") as fh:
-        for start in range(0, len(rows), CHUNK):
-            batch = rows[start:start + CHUNK]
-            new_rows, thumbs, vecs = [], [], []
-            for offset, (_, k, r) in enumerate(batch):
-                new_id = next_id + start + offset
-                new_rows.append((new_id, r["path"], r["size"], r["mtime_ns"], r["sha256"], r["label"], r["width"],
-                                 r["height"], r["status"], r["reason"], r["error"], gen))
-                if r["status"] == "ok":
-                    pos = int(np.searchsorted(part_ids[k], r["id"]))
-                    vecs.append(parts[k]._live()[pos])
-                    ids_out.append(new_id)
-                    thumb = parts[k].thumbnail(r["id"])
-                    if thumb:
-                        thumbs.append((new_id, thumb))
-            if vecs:
-                fh.write(np.ascontiguousarray(np.stack(vecs), dtype=np.float32).tobytes())
-            store.insert_items(conn, new_rows, thumbs)
-        fh.flush()
-        os.fsync(fh.fileno())
-    from indexer.collection import _npy_bytes
-
-    store.atomic_write_bytes(out / ids_name, _npy_bytes(np.asarray(ids_out, dtype=np.int64)))
-    summary.embedded = 0
-    return {"file": vec_name, "ids": ids_name, "count": len(ids_out), "dtype": "float32"}
+def _copy(gen: int, next_id: int, rows: list[tuple[str, int, dict[str, Any]]], parts: list[Collection],
+          conn: sqlite3.Connection) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    """Rows (re-numbered in path order) and thumbnails into ``conn``, block by block, yielding
+    each block's ``(ids, vectors)`` for :func:`indexer.vectors.write_part`."""
+    for start in range(0, len(rows), CHUNK):
+        new_rows, thumbs, ids, vecs = [], [], [], []
+        for offset, (_, k, r) in enumerate(rows[start:start + CHUNK]):
+            new_id = next_id + start + offset
+            new_rows.append((new_id, r["path"], r["size"], r["mtime_ns"], r["sha256"], r["label"], r["width"],
+                             r["height"], r["status"], r["reason"], r["error"], gen))
+            if r["status"] == "ok":
+                vecs.append(parts[k].vector(r["id"]))
+                ids.append(new_id)
+                thumb = parts[k].thumbnail(r["id"])
+                if thumb:
+                    thumbs.append((new_id, thumb))
+        store.insert_items(conn, new_rows, thumbs)
+        yield ids, vecs

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from indexer.files import atomic_write_bytes
+
 __all__ = ["FIT_MAX", "Projection", "fit_projection"]
 
 FIT_MAX = 5_000
@@ -88,10 +90,12 @@ class Projection:
         return out
 
     def save(self, path: Path) -> None:
+        """Write the map as one ``.npz`` (no pickles), atomically and fsynced, so a manifest that
+        names it never points at a half-written file."""
         buf = io.BytesIO()
         np.savez(buf, mean=self.mean, components=self.components, anchor_features=self.anchor_features,
                  anchor_coords=self.anchor_coords, ids=self.ids, coords=self.coords)
-        path.write_bytes(buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: Path, dim: int | None = None) -> Projection:

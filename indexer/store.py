@@ -24,18 +24,17 @@ import json
 import os
 import re
 import sqlite3
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from indexer.files import atomic_write_bytes
 
 __all__ = [
     "FORMAT_VERSION",
     "CollectionError",
     "CollectionLocked",
     "WriterLock",
-    "atomic_write_bytes",
     "begin_snapshot",
     "connect",
     "damaged",
@@ -104,60 +103,8 @@ def crash_point(step: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic files
+# Errors (files are written through indexer.files.atomic_write_bytes)
 # --------------------------------------------------------------------------------------------
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux reports it (``os.umask`` alone
-    can only be read by setting it, a race with other threads creating files meanwhile)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable: the directory entry itself must reach the disk."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes 0600 files; a collection must be readable by whoever may read any other
-        # file of this user (an app or service run by another account), so 0666 less the umask.
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file written by a library (FAISS, numpy) before the manifest names it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def one_line(text: object, limit: int = 1000) -> str:
@@ -406,6 +353,18 @@ class WriterLock:
 # --------------------------------------------------------------------------------------------
 
 
+def _create_empty(path: Path) -> None:
+    """Make a missing ``items.sqlite`` as an empty file with mode 0666 less the umask (Contract 3).
+
+    SQLite would create it itself with 0644 less the umask whatever the user's umask allows
+    (so a group-shared collection under umask 002 would not be group-writable), and gives its
+    ``-wal`` and ``-shm`` files the mode of the database file; an empty file is an empty
+    database to SQLite. Any failure (it exists, a read-only folder) is left to SQLite to report.
+    """
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
 def connect(directory: Path, *, readonly: bool = False, immutable: bool | None = None,
             create: bool = True) -> sqlite3.Connection:
     """Open items.sqlite: for the writer in WAL mode (readers never block it nor it them), for
@@ -428,6 +387,8 @@ def connect(directory: Path, *, readonly: bool = False, immutable: bool | None =
     if not readonly:
         if not create and not path.is_file():
             raise damaged(path, "is missing")
+        if create:
+            _create_empty(path)
         try:
             conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
             if not create:
@@ -553,10 +514,3 @@ def forget_removed(directory: Path, generation: int) -> None:
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
     finally:
         conn.close()
-
-
-@contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``with transaction(conn):`` commits on success, rolls back on any exception."""
-    with conn:
-        yield conn

@@ -126,3 +126,72 @@ def test_light_imports_stay_light():
             "assert indexer.Collection is indexer.collection.Collection; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+# -- indexer.cli: what the three command lines share --------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "text", "message"), [
+    ("positive_int", "0", "expected a number >= 1, got 0"),
+    ("positive_int", "two", "expected a whole number, got 'two'"),
+    ("fraction", "1.5", "expected a number in [0, 1], got 1.5"),
+    ("fraction", "nan", "expected a number in [0, 1], got nan"),
+    ("similarity", "-1", "expected a similarity in (-1, 1], got -1.0"),
+    ("similarity", "high", "expected a similarity in (-1, 1], got 'high'"),
+])
+def test_shared_argument_types_refuse_in_one_line(kind, text, message, capsys):
+    from indexer import cli
+
+    parser = cli.OneLineParser(prog="tool")
+    parser.add_argument("--value", type=getattr(cli, kind))
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["--value", text])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"tool: error: argument --value: {message} (see --help)\n"
+
+
+def test_shared_argument_types_accept_their_range():
+    from indexer import cli
+
+    assert cli.positive_int("1") == 1 and cli.positive_int("64") == 64
+    assert cli.fraction("0") == 0.0 and cli.fraction("1") == 1.0
+    assert cli.similarity("1") == 1.0 and cli.similarity("-0.5") == -0.5
+
+
+def test_from_parser_shows_the_parsers_own_reason(capsys):
+    from indexer.cli import OneLineParser, from_parser
+
+    def parse_even(text: str) -> int:
+        if int(text) % 2:
+            raise ValueError(f"{text} is odd; give an even number")
+        return int(text)
+
+    parser = OneLineParser(prog="tool")
+    parser.add_argument("n", type=from_parser(parse_even))
+    assert parser.parse_args(["4"]).n == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["3"])
+    assert capsys.readouterr().err == "tool: error: argument n: 3 is odd; give an even number (see --help)\n"
+
+
+def test_all_three_command_lines_answer_bad_values_in_one_line(tmp_path, capsys):
+    from exports.__main__ import main as exports_main
+    from moco.__main__ import main as moco_main
+
+    calls = [
+        (moco_main, ["train", str(tmp_path), "--time-budget", "soon"], "python -m moco train: error: argument "
+         "--time-budget: 'soon' is not a duration"),
+        (moco_main, ["train", str(tmp_path), "--mean", "1,2"], "expected three comma-separated numbers"),
+        (exports_main, ["ckpt", "-o", "m.onnx", "--check-images", "0"], "python -m exports: error: argument "
+         "--check-images: expected a number >= 1, got 0"),
+        (exports_main, ["ckpt", "-o", "m.onnx", "--min-overlap", "2"], "expected a number in [0, 1], got 2.0"),
+        (main, ["build", str(tmp_path), "--workers", "0"], "python -m indexer build: error: argument --workers: "
+         "expected a number >= 1, got 0"),
+        (main, ["search", "c", "q.jpg", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ]
+    for entry, argv, needle in calls:
+        with pytest.raises(SystemExit) as info:
+            entry(argv)
+        assert info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and err.endswith("(see --help)\n"), (argv, err)

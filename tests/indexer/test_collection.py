@@ -19,8 +19,10 @@ import pytest
 from PIL import Image
 
 from indexer import store
-from indexer.collection import Collection, NothingIndexed
+from indexer.build import NothingIndexed, build, update
+from indexer.collection import Collection
 from indexer.embed import EmbeddingModel
+from indexer.merge import merge
 
 from .conftest import COLORS, add_bad_files, make_model, picture
 
@@ -28,7 +30,7 @@ OPTS = {"device": "cpu", "workers": 2, "batch_size": 8}
 
 
 def _build(image_dir: Path, out: Path, model: Path, **kw: object) -> Collection:
-    return Collection.build(image_dir, out, model=model, **{**OPTS, **kw})
+    return build(image_dir, out, model=model, **{**OPTS, **kw})
 
 
 def _paths(col: Collection) -> dict[str, int]:
@@ -111,7 +113,7 @@ def test_update_adds_changes_and_removes(tmp_path, image_dir, tiny_model):
     touched = image_dir / "class1" / "img01.png"
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
 
-    new = col.update(**OPTS)
+    new = update(col.directory, **OPTS)
     after = _paths(new)
     assert new.summary.embedded == 2 and new.summary.removed == 1
     assert set(after) == set(before) - {"class1/img03.png"} | {"class2/new.png"}
@@ -129,7 +131,7 @@ def test_update_adds_changes_and_removes(tmp_path, image_dir, tiny_model):
     assert _paths(col) == before and col.search_id(before["class1/img03.png"], 2)
     assert new.manifest["generation"] == col.generation + 1
     # a second update with nothing changed embeds nothing and keeps everything
-    again = new.update(**OPTS)
+    again = update(new.directory, **OPTS)
     assert again.summary.embedded == 0 and _paths(again) == after
 
 
@@ -137,8 +139,8 @@ def test_different_model_needs_rebuild(tmp_path, image_dir, tiny_model):
     col = _build(image_dir, tmp_path / "col", tiny_model)
     other = make_model(tmp_path / "other.onnx", dim=8, seed=3)
     with pytest.raises(store.CollectionError, match="--rebuild"):
-        col.update(model=other, **OPTS)
-    rebuilt = col.update(model=other, rebuild=True, **OPTS)
+        update(col.directory, model=other, **OPTS)
+    rebuilt = update(col.directory, model=other, rebuild=True, **OPTS)
     assert rebuilt.dim == 8 and len(rebuilt) == len(col)
     assert np.asarray(rebuilt.vectors).shape == (len(col), 8)
     assert rebuilt.model.dim == 8
@@ -159,7 +161,7 @@ def test_crash_between_write_steps_leaves_a_readable_collection(tmp_path, image_
     (image_dir / "class0" / "img02.jpg").unlink()
     monkeypatch.setattr(store, "CRASH_AT", step)
     with pytest.raises(store.SimulatedCrash):
-        col.update(**OPTS)
+        update(col.directory, **OPTS)
     reopened = Collection.open(tmp_path / "col", device="cpu")
     expected = dict(before)
     if step == "manifest-written":  # the commit happened just before the crash
@@ -172,7 +174,7 @@ def test_crash_between_write_steps_leaves_a_readable_collection(tmp_path, image_
     assert reopened.search_id(reopened.ids[0], 3)
     # the next writer repairs what the crashed one left and finishes the job
     monkeypatch.setattr(store, "CRASH_AT", None)
-    done = reopened.update(**OPTS)
+    done = update(reopened.directory, **OPTS)
     assert set(_paths(done)) == set(before) - {"class0/img02.jpg"} | {"class1/added.jpg"}
     ref = _build(image_dir, tmp_path / "fresh", tiny_model)
     ref_vec = {it.path: v for it, v in zip(ref.items, np.asarray(ref.vectors))}
@@ -190,7 +192,7 @@ def test_killed_process_leaves_previous_collection(tmp_path, image_dir, tiny_mod
                            "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 137, proc.stderr
     assert _paths(Collection.open(tmp_path / "col")) == before
-    after = Collection.open(tmp_path / "col").update(**OPTS)
+    after = update(tmp_path / "col", **OPTS)
     assert "class0/late.png" in _paths(after)
 
 
@@ -198,10 +200,10 @@ def test_second_writer_is_refused(tmp_path, image_dir, tiny_model):
     col = _build(image_dir, tmp_path / "col", tiny_model)
     with store.WriterLock(tmp_path / "col"):
         with pytest.raises(store.CollectionLocked, match="being written by pid"):
-            col.update(**OPTS)
+            update(col.directory, **OPTS)
         # readers keep working while the lock is held
         assert len(Collection.open(tmp_path / "col")) == len(col)
-    assert col.update(**OPTS).summary.embedded == 0  # the lock is free again
+    assert update(col.directory, **OPTS).summary.embedded == 0  # the lock is free again
 
 
 def test_newer_format_is_refused(tmp_path, image_dir, tiny_model):
@@ -225,8 +227,8 @@ def test_shard_and_merge_equal_a_single_build(tmp_path, image_dir, tiny_model):
     assert sum(len(p) for p in parts) == len(single)
     assert all(len(p) > 0 for p in parts)
     with pytest.raises(store.CollectionError, match="missing"):
-        Collection.merge([tmp_path / "part0", tmp_path / "part1"], tmp_path / "bad", device="cpu")
-    merged = Collection.merge([tmp_path / f"part{i}" for i in range(3)], tmp_path / "merged", device="cpu")
+        merge([tmp_path / "part0", tmp_path / "part1"], tmp_path / "bad", device="cpu")
+    merged = merge([tmp_path / f"part{i}" for i in range(3)], tmp_path / "merged", device="cpu")
     assert _paths(merged) == _paths(single)
     assert {s["path"]: s["reason"] for s in merged.skipped} == {s["path"]: s["reason"] for s in single.skipped}
     np.testing.assert_allclose(np.asarray(merged.vectors), np.asarray(single.vectors), atol=1e-6)
@@ -265,7 +267,7 @@ def test_api_search_id_coords_duplicates_and_eval(tmp_path, image_dir, tiny_mode
 def test_readers_see_the_new_version_after_a_build(tmp_path, image_dir, tiny_model):
     col = _build(image_dir, tmp_path / "col", tiny_model)
     picture(5, COLORS[1]).save(image_dir / "extra.png")
-    Collection.open(tmp_path / "col").update(**OPTS)
+    update(tmp_path / "col", **OPTS)
     fresh = col.reload()
     assert fresh is not col and len(fresh) == len(col) + 1
 
@@ -274,11 +276,11 @@ def test_many_updates_compact_the_vectors_files(tmp_path, image_dir, tiny_model)
     col = _build(image_dir, tmp_path / "col", tiny_model)
     for i in range(10):
         picture(5000 + i, COLORS[i % 3]).save(image_dir / f"class{i % 3}" / f"more{i}.png")
-        col = col.update(**OPTS)
+        col = update(col.directory, **OPTS)
         assert len(col.manifest["vectors"]) <= 8
     for i in range(6):  # removing many items also compacts
         (image_dir / f"class{i % 3}" / f"more{i}.png").unlink()
-    col = col.update(**OPTS)
+    col = update(col.directory, **OPTS)
     assert len(col) == 19 + 4
     files = {p.name for p in (tmp_path / "col").iterdir() if p.name.startswith("vectors-")}
     assert len(files) <= 2 * 8  # old files are deleted once two generations old
@@ -293,5 +295,5 @@ def test_user_labels_are_set_in_bulk_cleared_and_survive_an_update(tmp_path, ima
     col.set_user_labels({paths[0]: "cat", paths[1]: "dog", paths[2]: "cat"})
     col.set_user_labels({paths[1]: None, paths[2]: "bird"})
     assert col.user_labels() == {paths[0]: "cat", paths[2]: "bird"}
-    reopened = col.update(device="cpu")
+    reopened = update(col.directory, device="cpu")
     assert reopened.user_labels() == {paths[0]: "cat", paths[2]: "bird"}

@@ -24,6 +24,7 @@ import pytest
 
 from indexer import store
 from indexer.__main__ import main
+from indexer.build import build
 from indexer.collection import Collection
 from indexer.embed import EmbeddingModel, ModelError
 
@@ -40,7 +41,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("damaged")
     images = make_images(root / "photos")
     model = make_model(root / "tiny.onnx")
-    Collection.build(images, root / "col", model=model, device="cpu", workers=2, batch_size=8).close()
+    build(images, root / "col", model=model, device="cpu", workers=2, batch_size=8).close()
     return root / "col", images
 
 

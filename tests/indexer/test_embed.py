@@ -55,7 +55,7 @@ def test_decode_reports_original_size_and_max_pixels(tmp_path, tiny_model):
 def test_with_a_real_exported_model(tmp_path):
     """Train one tiny epoch, export, build, search: the whole pipeline with a real network."""
     from exports.__main__ import main as export_main
-    from indexer.collection import Collection
+    from indexer.build import build
     from moco.__main__ import main as moco_main
 
     data = make_images(tmp_path / "data", per_class=8)
@@ -64,7 +64,7 @@ def test_with_a_real_exported_model(tmp_path):
                       "imagenet", "--workers", "0", "--batch-size", "8", "--no-channels-last"]) == 0
     model = tmp_path / "m.onnx"
     assert export_main([str(run / "checkpoint.pt"), "-o", str(model), "--device", "cpu"]) == 0
-    col = Collection.build(data, tmp_path / "col", model=model, device="cpu", workers=2)
+    col = build(data, tmp_path / "col", model=model, device="cpu", workers=2)
     assert len(col) == 25
     first = col.items[0]
     assert col.search_image(Path(data / first.path), 1)[0].id == first.id

@@ -25,8 +25,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from indexer.collection import Collection, update
-from indexer.embed import decode_file, file_sha256
+from indexer.build import build, update
+from indexer.collection import Collection
+from indexer.embed import decode_file
+from indexer.files import sha256_file
 from indexer.images import ImageDecodeError, load_rgb, resolve_relpath, scan_images
 
 from .conftest import encode, make_images, picture
@@ -182,7 +184,7 @@ def test_an_unreadable_sub_folder_is_recorded_by_build_and_update(tmp_path, tiny
     root = make_images(tmp_path / "photos", per_class=2)  # class0..2 with 2 pictures each + loose.jpg
     readable_again = make_unreadable(root / "class1", monkeypatch)
     try:
-        col = Collection.build(root, tmp_path / "col", model=tiny_model, device="cpu", workers=2)
+        col = build(root, tmp_path / "col", model=tiny_model, device="cpu", workers=2)
         assert [(s["path"], s["reason"]) for s in col.skipped] == [("class1/", "unreadable folder")]
         assert len(col) == 5 and not any(item.path.startswith("class1/") for item in col.items)
         col.close()
@@ -216,7 +218,7 @@ def test_a_fifo_is_never_opened(tmp_path, tiny_model):
         decoded = decode_file(fifo, "short_side=37;center_crop=32", 37)
         assert decoded.reason == "not a file" and "FIFO" in (decoded.error or "")
         with pytest.raises(OSError, match="not a file"):
-            file_sha256(fifo)  # update's content check of a picture that became a FIFO
+            sha256_file(fifo)  # update's content check of a picture that became a FIFO
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from indexer import store
+from indexer.build import build
 from indexer.collection import Collection
 
 ROOT = Path(__file__).parents[2]
@@ -80,7 +81,7 @@ def _run_read_only(directory: Path, query: Path) -> tuple[dict, str]:
 
 @pytest.fixture()
 def built(tmp_path: Path, image_dir: Path, tiny_model: Path) -> Path:
-    Collection.build(image_dir, tmp_path / "col", model=tiny_model, **OPTS).close()
+    build(image_dir, tmp_path / "col", model=tiny_model, **OPTS).close()
     return tmp_path / "col"
 
 
