@@ -34,9 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exports import runtime, samples, verify  # noqa: E402
-from exports.onnx import EmbeddingModel, export_graph, load_source, torch_embed  # noqa: E402
+from exports import samples, verify  # noqa: E402
+from exports.onnx import ImagesToEmbeddings, export_graph, load_source, torch_embed  # noqa: E402
 from exports.quantize import quantize_int8  # noqa: E402
+from indexer import runtime  # noqa: E402
 from indexer.analysis import knn_top1  # noqa: E402
 from indexer.images import scan_images  # noqa: E402
 from moco.backbones import build_backbone  # noqa: E402
@@ -81,12 +82,12 @@ def timed_rounds(runners: dict[str, Callable[[], object]], rounds: int, seconds:
     return per_call
 
 
-def build_variant(name: str, fp32: onnx.ModelProto, model: EmbeddingModel, size: int,
+def build_variant(name: str, fp32: onnx.ModelProto, model: ImagesToEmbeddings, size: int,
                   calibration: np.ndarray) -> onnx.ModelProto:
     if name == "fp32":
         return fp32
     if name == "fp16":
-        half = EmbeddingModel(copy.deepcopy(model.net), MEAN, STD, half=True).eval()
+        half = ImagesToEmbeddings(copy.deepcopy(model.net), MEAN, STD, half=True).eval()
         return export_graph(half, size)
     return quantize_int8(fp32, calibration, **INT8_VARIANTS[name])
 
@@ -97,7 +98,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     torch.set_num_threads(threads)
     stem = "small" if args.size <= 32 else "imagenet"
     net = build_backbone("resnet18", stem=stem, image_size=args.size).eval()
-    model = EmbeddingModel(net, MEAN, STD).eval()
+    model = ImagesToEmbeddings(net, MEAN, STD).eval()
     batch = samples.natural_images(args.batch, args.size, seed=0)
     eager = copy.deepcopy(model).to(memory_format=torch.channels_last)
     tensor = torch.from_numpy(batch)  # NHWC uint8: permuted to NCHW it is channels_last already
@@ -122,7 +123,8 @@ def cmd_speed(args: argparse.Namespace) -> None:
     for name in args.variants.split(","):
         t0 = time.perf_counter()
         proto = build_variant(name, fp32, model, args.size, calibration)
-        session = runtime.make_session(proto.SerializeToString(), "cpu", threads=threads)
+        # spin=True: ORT's own default, what the figures in BENCHMARKS.md were measured with
+        session = runtime.make_session(proto.SerializeToString(), "cpu", threads=threads, spin=True)
         runners[f"onnx {name}"] = lambda s=session: s.run(None, {"images": batch})
         print(f"  built {name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     per_call = timed_rounds(runners, args.rounds, args.seconds)
@@ -152,7 +154,7 @@ def plain_torchvision_runner(size: int, batch: int, threads: int) -> Callable[[]
         torch.onnx.export(torchvision.models.resnet18().eval(), (torch.zeros(2, 3, size, size),), buffer,
                           dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "N"}})
-    session = runtime.make_session(buffer.getvalue(), "cpu", threads=threads)
+    session = runtime.make_session(buffer.getvalue(), "cpu", threads=threads, spin=True)
     feed = {"x": np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)}
     return lambda: session.run(None, feed)
 

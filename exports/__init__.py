@@ -5,8 +5,9 @@ command line. Names are imported lazily (PEP 562): `python -m exports --help` an
 `python -m exports info` must answer without loading PyTorch.
 
 Modules: `onnx` (build, export pipeline), `verify` (thresholds and measures), `quantize`
-(int8), `runtime` (ONNX Runtime sessions, providers), `samples` (check images),
-`info` + `contract` (reading a model back, torch-free).
+(int8), `samples` (check images), `info` + `contract` (reading a model back, torch-free).
+ONNX Runtime sessions come from `indexer.runtime`, so a model is verified on exactly the
+session set-up the indexer will run it with.
 """
 
 from __future__ import annotations

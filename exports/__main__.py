@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from indexer.cli import DEVICES, OneLineParser, fraction, positive_int
+
 EXAMPLES = """examples:
   python -m exports runs/flowers/checkpoint.pt -o models/flowers.onnx
   python -m exports runs/flowers -o models/flowers-int8.onnx --int8 --calibration photos/
@@ -19,31 +21,6 @@ EXAMPLES = """examples:
 
 exit codes: 0 written; 1 verification failed, nothing written; 2 bad input
 """
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print the whole usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -69,14 +46,14 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify-images", type=Path, metavar="DIR", help="real images for the fp32 "
                         "parity check (default: --calibration, else generated images)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="ONNX Runtime device for the checks (default auto: CUDA where usable)")
     parser.add_argument("--no-verify", action="store_true", help="write the model even if a check fails")
-    parser.add_argument("--min-overlap", type=_fraction, default=None, help="top-10 neighbour overlap "
+    parser.add_argument("--min-overlap", type=fraction, default=None, help="top-10 neighbour overlap "
                         "with fp32 that fp16/int8 must reach (default 0.95 for fp16, 0.85 for int8)")
-    parser.add_argument("--calibration-count", type=_positive, default=256, help="images used to "
+    parser.add_argument("--calibration-count", type=positive_int, default=256, help="images used to "
                         "calibrate int8 (default 256)")
-    parser.add_argument("--check-images", type=_positive, default=512, help="images of the neighbour "
+    parser.add_argument("--check-images", type=positive_int, default=512, help="images of the neighbour "
                         "check (default 512)")
     return parser
 
@@ -90,8 +67,8 @@ def build_info_parser() -> argparse.ArgumentParser:
 
 def run_info(argv: list[str]) -> int:
     args = build_info_parser().parse_args(argv)
-    from exports import runtime
     from exports.info import InfoError, format_info, read_model_info
+    from indexer import runtime
 
     try:
         info = read_model_info(args.model)

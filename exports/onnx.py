@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -37,9 +37,11 @@ import onnx
 import torch
 from torch import nn
 
-from exports import runtime, samples, verify
+from exports import samples, verify
 from exports.contract import INPUT_NAME, METADATA_KEYS, MODEL_FORMAT_VERSION, OUTPUT_NAME
 from exports.quantize import DEFAULT_VARIANT, QuantizeError, quantize_int8
+from indexer import runtime
+from indexer.files import atomic_write_bytes, sha256_file
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 17  # read by every ONNX Runtime since 1.11 and by the quantization tools
@@ -60,7 +62,7 @@ class VerificationFailed(RuntimeError):
     """The exported model does not meet a threshold; nothing was written (exit code 1)."""
 
 
-class EmbeddingModel(nn.Module):
+class ImagesToEmbeddings(nn.Module):
     """uint8 RGB [N, S, S, 3] -> L2-normalized float32 [N, D], preprocessing included.
 
     (x / 255 - mean) / std is computed as x * scale + shift, one Mul and one Add in the graph.
@@ -93,7 +95,7 @@ class EmbeddingModel(nn.Module):
 class Source:
     """A checkpoint opened for export: the fp32 PyTorch reference and the model's metadata."""
 
-    model: EmbeddingModel
+    model: ImagesToEmbeddings
     config: dict[str, Any]
     props: dict[str, str]
     checkpoint: Path
@@ -113,15 +115,9 @@ def _numbers(values: Any) -> str:
 
 
 def load_source(checkpoint: str | Path, *, head: bool = False) -> Source:
-    """Open a checkpoint (file or run folder) as an EmbeddingModel plus its metadata props."""
+    """Open a checkpoint (file or run folder) as an ImagesToEmbeddings plus its metadata props."""
     from indexer.images import resize_recipe
-    from moco.checkpoint import (
-        CheckpointError,
-        backbone_from_state,
-        load_checkpoint,
-        resolve_checkpoint_path,
-        sha256_of,
-    )
+    from moco.checkpoint import CheckpointError, backbone_from_state, load_checkpoint, resolve_checkpoint_path
 
     try:
         path = resolve_checkpoint_path(checkpoint)
@@ -133,7 +129,7 @@ def load_source(checkpoint: str | Path, *, head: bool = False) -> Source:
         raise ExportError(f"{checkpoint}: cannot rebuild the model from this checkpoint "
                           f"({type(err).__name__})") from None
     size = int(config["image_size"])
-    model = EmbeddingModel(net, tuple(config["mean"]), tuple(config["std"])).eval()
+    model = ImagesToEmbeddings(net, tuple(config["mean"]), tuple(config["std"])).eval()
     with torch.no_grad():
         dim = int(model(torch.zeros(1, size, size, 3, dtype=torch.uint8)).shape[1])
     expected = int(config["dim"] if head else config["embedding_dim"])
@@ -148,13 +144,13 @@ def load_source(checkpoint: str | Path, *, head: bool = False) -> Source:
         "moco.resize": resize_recipe(size),
         "moco.mean": _numbers(config["mean"]),
         "moco.std": _numbers(config["std"]),
-        "moco.checkpoint_sha256": sha256_of(path),
+        "moco.checkpoint_sha256": sha256_file(path),
         "moco.train_data": train_data_summary(state.get("data")),
     }
     return Source(model, config, props, path)
 
 
-def export_graph(model: EmbeddingModel, image_size: int, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def export_graph(model: ImagesToEmbeddings, image_size: int, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """torch.onnx.export with a dynamic batch axis, then the provider-independent simplification."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
@@ -295,8 +291,6 @@ def export_checkpoint(options: ExportOptions, log: Callable[[str], None] = print
     Raises ExportError for bad input and VerificationFailed for a model below its thresholds
     (unless options.verify is False, then the failures are reported and the model is written).
     """
-    from moco.checkpoint import atomic_write_bytes
-
     if options.precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
     output = Path(options.output)
@@ -342,21 +336,11 @@ def export_checkpoint(options: ExportOptions, log: Callable[[str], None] = print
     final = finalize(final, source.props, description)
     data = final.SerializeToString()
     try:
-        atomic_write_bytes(output, lambda handle: _write_shared(handle, data))
+        atomic_write_bytes(output, data)  # mode 0666 less the umask: a model is meant to be shared
     except OSError as err:
         raise ExportError(f"cannot write {output}: {err.strerror or err}") from None
     log(f"wrote {output} ({len(data) / 1e6:.1f} MB, {options.precision})")
     return ExportResult(output, options.precision, len(data), dict(source.props), checks)
-
-
-def _write_shared(handle: BinaryIO, data: bytes) -> None:
-    """Write the model with the permissions of a normal new file (0666 less the umask): the temp
-    file behind the atomic write is private (0600), but a model is meant to be shared, e.g. with
-    an app running as another user."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(handle.fileno(), 0o666 & ~umask)
-    handle.write(data)
 
 
 def _folder_sample(folder: Path | None, size: int, limit: int, offset: float = 0.0,
@@ -403,7 +387,7 @@ def _reduced_precision(source: Source, fp32: onnx.ModelProto, fp32_session: Any,
         count = min(options.check_count, GENERATED_CHECK_IMAGES)
         pictures, where = samples.natural_images(count, size, seed=2), "generated natural images"
     if options.precision == "fp16":
-        half = EmbeddingModel(copy.deepcopy(source.model.net), tuple(source.config["mean"]),
+        half = ImagesToEmbeddings(copy.deepcopy(source.model.net), tuple(source.config["mean"]),
                               tuple(source.config["std"]), half=True).eval()
         model = export_graph(half, size, options.opset)
         doc = "fp16 weights and activations (input scaling and output normalization in fp32)"

@@ -13,7 +13,7 @@ Weights are quantized to 7 bits (``reduce_range``) by default. On x86 CPUs witho
 (AVX2, plain AVX-512) ONNX Runtime multiplies uint8 activations by int8 weights with
 vpmaddubsw, which adds pairs of products into int16 and saturates when both operands are
 large; with full 8-bit weights that saturation cost a CIFAR-10 ResNet-18 a mean cosine to fp32
-of 0.964 instead of 0.9993 and a third of its top-10 neighbours (bench/EXPORT_RESULTS.md).
+of 0.964 instead of 0.9993 and a third of its top-10 neighbours (BENCHMARKS.md, "ONNX export").
 7-bit weights cannot overflow the pair sum and lose little elsewhere; uint8 weights (u8u8)
 avoid it too, but ran 1.3x fp32 here against 2x for the 7-bit model.
 

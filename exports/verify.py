@@ -8,7 +8,7 @@ batch-norm left in training mode), never rounding.
 fp16 and int8 change the numbers on purpose, so per-image cosine is the wrong yardstick: what a
 user of a search index sees is *which images come back*. Both are judged by the mean top-10
 neighbour overlap with the fp32 model on a folder of images (each image queried against the
-rest). Thresholds (see bench/EXPORT_RESULTS.md for the measurements behind them):
+rest). Thresholds (the measurements behind them are in BENCHMARKS.md, "ONNX export"):
 
 * fp16 >= 0.95: half precision keeps about 3 decimal digits; measured overlaps are 0.99-1.00
   with a mean cosine to fp32 above 0.99999. Below 0.95 something overflowed or was clipped

@@ -13,8 +13,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from moco.budget import format_duration, parse_duration, process_age
+from indexer.cli import OneLineParser, UsageError, from_parser
 from moco.config import ARCHS, PRESETS, ConfigError, TrainConfig, build_config, fit_to_data, validate
+from moco.pacer import format_duration, parse_duration, process_age
 
 EXAMPLES = """examples:
   python -m moco train photos/ --out runs/photos --epochs 100 --val photos_val/
@@ -23,15 +24,6 @@ EXAMPLES = """examples:
   python -m moco eval runs/photos/checkpoint.pt --train photos/ --val photos_val/ --json
   python -m moco demo-data data/digits
 """
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print the whole usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # Hyper-parameters exposed as flags: (field, help). Types and defaults come from TrainConfig and
@@ -102,20 +94,15 @@ def _add_hyper_parameters(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--std", type=_floats, default=None, help="normalisation std, e.g. 0.229,0.224,0.225")
 
 
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
+@from_parser
 def _floats(text: str) -> tuple[float, ...]:
+    """--mean/--std: three comma-separated numbers, one per RGB channel."""
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
+        values = ()
     if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+        raise ValueError(f"expected three comma-separated numbers, got {text!r}")
     return values
 
 
@@ -139,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     length = train.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None, help="epochs (default 100; with --resume, "
                         "a larger value extends the run)")
-    length.add_argument("--time-budget", type=_duration, default=None, metavar="DURATION",
+    length.add_argument("--time-budget", type=from_parser(parse_duration), default=None, metavar="DURATION",
                         help="train for this much wall time instead, e.g. 90s, 30m, 2h, 1h30m: the speed is "
                         "timed over a few steps and the steps planned to end (final checkpoint written) "
                         "within it, start-up and kNN evaluations included")
@@ -179,7 +166,8 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
     from moco.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
     from moco.data import DataError, open_folder
     from moco.defaults import fit_recipe, fit_to_plan
-    from moco.train import Trainer, TrainingDiverged, TrainingStopped, pick_device
+    from moco.runlog import TrainingDiverged, TrainingStopped
+    from moco.train import Trainer, pick_device
 
     world = distributed.world_from_env()
     say = print if world.is_main else (lambda *a, **k: None)  # torchrun: rank 0 speaks for all

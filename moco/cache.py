@@ -28,8 +28,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from indexer.files import atomic_write_bytes
 from indexer.images import ImageDecodeError, ImageRef, fs_to_text
-from moco.checkpoint import atomic_write_bytes
 from moco.data import decode_working
 
 
@@ -117,7 +117,7 @@ def _write_index(folder: Path, refs: list[ImageRef], entries: list[_Entry]) -> N
              height=np.array([e.height for e in entries], np.int32),
              width=np.array([e.width for e in entries], np.int32),
              reason=np.array([e.reason for e in entries], dtype=str))
-    atomic_write_bytes(folder / "index.npz", lambda handle: handle.write(buffer.getvalue()))
+    atomic_write_bytes(folder / "index.npz", buffer.getvalue())
 
 
 def open_cache(root: Path, refs: list[ImageRef], side: int, *, cache_dir: Path | None = None,

@@ -11,21 +11,20 @@ stored as tensors, tuples and numbers); the list only keeps older checkpoints re
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import random
 import re
-import secrets
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from indexer.files import atomic_write
 from moco.backbones import build_backbone
 from moco.config import FORMAT_VERSION, TrainConfig, resolve_stem
 
@@ -48,61 +47,9 @@ LEGACY_SAFE_GLOBALS: list[Any] = [
     type(np.dtype(np.uint32)),  # numpy.dtypes.UInt32DType
 ]
 
-# Temp files of atomic_write_bytes: `.NAME.` + 8 characters + `.tmp`. The 8 characters are
-# hex here; older versions used tempfile.mkstemp, whose names use [a-z0-9_], so both match.
-_TEMP_INFIX = r"\.[a-z0-9_]{8}\.tmp"
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message is one line for the user."""
-
-
-def _create_temp(path: Path) -> tuple[int, Path]:
-    """A new temp file beside `path`, created exclusively with mode 0666 less the umask (like
-    any file its user creates, so a run folder can be shared), never through a symlink."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:  # 2**32 names: a clash is rare, but never overwrite one
-            continue
-
-
-def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temp file in the same folder, fsync, then os.replace: a crash at any
-    instant leaves either the old file or the new one, never a torn one. A kill can leave the
-    temp file behind; `remove_stale_temp_files` clears those when the run starts again."""
-    path = Path(path)
-    fd, tmp = _create_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def remove_stale_temp_files(folder: Path, names: Iterable[str]) -> list[Path]:
-    """Delete temp files that atomic_write_bytes left in `folder` for the files `names` when a
-    kill interrupted a write; return them. Call it only while no other process writes there
-    (at the start of a run): only plain files of exactly that naming pattern are touched,
-    never a folder, a symlink or any other file."""
-    patterns = [re.compile(rf"\.{re.escape(name)}{_TEMP_INFIX}") for name in names]
-    removed = []
-    for entry in os.scandir(folder):
-        if entry.is_file(follow_symlinks=False) and any(p.fullmatch(entry.name) for p in patterns):
-            Path(entry.path).unlink(missing_ok=True)
-            removed.append(Path(entry.path))
-    return sorted(removed)
 
 
 def set_aside(folder: Path, names: Iterable[str]) -> list[tuple[Path, Path]]:
@@ -149,7 +96,8 @@ def restore_rng_state(rng: dict[str, Any], device: torch.device) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, lambda handle: torch.save(state, handle))
+    """Write the checkpoint atomically (see :func:`indexer.files.atomic_write`)."""
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -197,14 +145,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} has checkpoint format version {version}; this version of the "
                               f"tool reads version {FORMAT_VERSION}")
     return state
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _submodule_weights(state: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from moco.checkpoint import atomic_write_bytes
+from indexer.files import atomic_write_bytes
 
 DEMO_SIZE = 32
 
@@ -32,6 +32,5 @@ def write_digits(out_dir: str | Path, size: int = DEMO_SIZE) -> int:
         image = Image.fromarray(255 - ink, mode="L").resize((size, size), Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG")
-        atomic_write_bytes(out_dir / str(label) / f"digit_{n:04d}.png",
-                           lambda handle, data=buffer.getvalue(): handle.write(data))
+        atomic_write_bytes(out_dir / str(label) / f"digit_{n:04d}.png", buffer.getvalue())
     return len(digits.target)

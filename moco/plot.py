@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-from moco.checkpoint import atomic_write_bytes
+from indexer.files import atomic_write_bytes
 
 PLOT_NAME = "monitor.png"
 
@@ -62,4 +62,4 @@ def write_monitor_plot(metrics_path: Path, png_path: Path, *, title: str = "",
     ax.set_title(title, fontsize=10)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    atomic_write_bytes(png_path, lambda handle: handle.write(buffer.getvalue()))
+    atomic_write_bytes(png_path, buffer.getvalue())

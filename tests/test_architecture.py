@@ -126,6 +126,10 @@ def violations(root: Path = ROOT) -> list[str]:
                 problems.append(f"{where}: {part} must never import {module.split('.')[0]}")
             if module.split(".")[0] in SERVER_ONLY and imp.source != "indexer.server":
                 problems.append(f"{where}: web-server libraries only inside indexer.server")
+        if part == "exports":
+            for module in loaded:
+                if _within(module, {"moco"}) and module != "moco.checkpoint":
+                    problems.append(f"{where}: {module}: exports reads training output only through moco.checkpoint")
         if part in ("moco", "exports"):
             allowed = BASE_FOR_EXPORTS if part == "exports" else BASE
             for module in loaded:
@@ -149,6 +153,8 @@ def test_the_rule_checker_catches_a_forbidden_import(tmp_path: Path) -> None:
     (tmp_path / "indexer" / "probe.py").write_text(
         "def f():\n    import torch\n    from moco import checkpoint\n", encoding="utf-8")
     (tmp_path / "moco" / "probe.py").write_text("from indexer import store\nimport app\n", encoding="utf-8")
+    (tmp_path / "moco" / "train.py").write_text("", encoding="utf-8")
+    (tmp_path / "exports" / "probe.py").write_text("from moco import checkpoint, train\n", encoding="utf-8")
     (tmp_path / "app" / "probe.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\nimport fastapi\n",
         encoding="utf-8")
@@ -158,6 +164,8 @@ def test_the_rule_checker_catches_a_forbidden_import(tmp_path: Path) -> None:
     assert any(v.startswith("moco.probe:1 ") and "torch-free base" in v for v in found)
     assert any(v.startswith("moco.probe:2 ") and "app" in v for v in found)
     assert any(v.startswith("app.probe:4 ") and "server" in v for v in found)
+    assert any(v.startswith("exports.probe:1 ") and "moco.train" in v for v in found)
+    assert not any(v.startswith("exports.probe:1 ") and ": moco.checkpoint:" in v for v in found)
     assert not any(v.startswith("app.probe:3 ") for v in found)  # TYPE_CHECKING imports never run
 
 

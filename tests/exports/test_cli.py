@@ -3,6 +3,7 @@ PyTorch, and every bad input ends as one line, exit code 2, and no file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from exports.__main__ import main
 from exports.contract import METADATA_KEYS
 from indexer.images import apply_resize, load_rgb, resize_recipe, scan_images, to_uint8_array
 from moco import load_backbone
-from moco.checkpoint import load_checkpoint, save_checkpoint, sha256_of
+from moco.checkpoint import load_checkpoint, save_checkpoint
 from tests.exports.conftest import IMAGE_SIZE
 from tests.moco.conftest import write_crafted_checkpoint
+from tests.oneline import assert_one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +54,6 @@ def folder_pixels(root: Path, limit: int = 10) -> np.ndarray:
     return np.stack([to_uint8_array(apply_resize(load_rgb(r.path), resize_recipe(IMAGE_SIZE))) for r in refs])
 
 
-def assert_one_line_error(capsys, needle: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert needle in err, err
-
-
 # -- the model ---------------------------------------------------------------------------------
 
 
@@ -77,7 +72,7 @@ def test_model_signature_and_metadata(model_fp32, checkpoint):
     assert props["moco.resize"] == "short_side=37;center_crop=32"
     assert [float(v) for v in props["moco.mean"].split(",")] == pytest.approx([0.485, 0.456, 0.406])
     assert [float(v) for v in props["moco.std"].split(",")] == pytest.approx([0.229, 0.224, 0.225])
-    assert props["moco.checkpoint_sha256"] == sha256_of(checkpoint)
+    assert props["moco.checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert props["moco.train_data"] == "train: 24 images"
     assert props["moco.format_version"] == "1"
 
@@ -253,7 +248,7 @@ def test_failed_verification_writes_nothing(tmp_path, checkpoint, capsys, monkey
 
 
 def test_cuda_refused_without_gpu(tmp_path, checkpoint, capsys):
-    from exports.runtime import CUDA, usable_providers
+    from indexer.runtime import CUDA, usable_providers
 
     if CUDA in usable_providers():
         pytest.skip("this machine has a usable CUDA provider")

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from exports import runtime, samples, verify
+from exports import samples, verify
 from exports.quantize import QuantizeError, float_islands
 
 
@@ -101,13 +101,3 @@ def test_float_islands_keep_pre_and_post_processing_in_float():
     assert float_islands(model) == ["n0", "n1", "n2", "n8", "n9"]
     with pytest.raises(QuantizeError):
         float_islands(_chain(["Relu", "Div"]))
-
-
-def test_providers():
-    assert runtime.usable_providers()[-1] == runtime.CPU
-    assert runtime.providers_for("cpu") == [runtime.CPU]
-    assert runtime.providers_for("auto")[-1] == runtime.CPU
-    with pytest.raises(runtime.RuntimeUnavailable):
-        runtime.providers_for("tpu")
-    assert runtime.physical_cores() >= 1
-    assert runtime._count_cpu_list("0-1,4") == 3
