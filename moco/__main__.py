@@ -167,7 +167,7 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
     from moco.data import DataError, open_folder
     from moco.defaults import fit_recipe, fit_to_plan
     from moco.runlog import TrainingDiverged, TrainingStopped
-    from moco.train import Trainer, pick_device
+    from moco.train import Trainer
 
     world = distributed.world_from_env()
     say = print if world.is_main else (lambda *a, **k: None)  # torchrun: rank 0 speaks for all
@@ -216,6 +216,8 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
             raise UsageError("give a DATA_DIR to train on, or --resume RUN_DIR")
         data_dir, val_dir = args.data_dir, args.val
         run_dir = Path(args.out) if args.out else Path("runs") / Path(args.data_dir).resolve().name
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(f"--out {run_dir} exists and is not a folder")
         if (run_dir / CHECKPOINT_NAME).exists() and world.is_main:
             raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick "
                              "another --out")
@@ -232,7 +234,7 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
             raise UsageError("--monitor-evals is for --time-budget runs; --epochs runs evaluate every "
                              "--eval-every epochs")
     try:
-        device = pick_device(args.device, world.local_rank)
+        device = distributed.pick_device(args.device, world.local_rank)
         folder = open_folder(data_dir)
         val = open_folder(val_dir, classes=folder.classes) if val_dir else None
     except (ValueError, DataError) as err:
@@ -258,7 +260,10 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
     if config.batch_size % world.size:
         raise UsageError(f"--batch-size {config.batch_size} is the global batch: it must be divisible by the "
                          f"{world.size} processes")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file on the way, no permission, read-only storage
+        raise UsageError(f"cannot make the run folder {run_dir}: {err.strerror or err}") from None
     processes = f", {world.size} processes" if world.enabled else ""
     length = (f"a {format_duration(config.time_budget)} time budget" if config.time_budget is not None
               else f"{config.epochs} epochs")
@@ -297,8 +302,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from moco.checkpoint import CheckpointError, load_backbone
     from moco.config import resolve_stem
     from moco.data import DataError, open_folder
+    from moco.distributed import pick_device
     from moco.evaluate import evaluate_backbone, format_table, recalibrate_batchnorm
-    from moco.train import pick_device
 
     try:
         backbone, config_dict = load_backbone(args.checkpoint)

@@ -11,6 +11,7 @@ Layout, one folder per (image root, working size):
 The index is the commit point, replaced atomically after the pixels it names are fsynced, so
 a run killed while filling the cache leaves the previous cache usable. Files whose size or
 mtime changed are decoded again; when dead bytes outweigh live ones the cache is rebuilt.
+`training_cache` opens it the way a training run is configured to.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,8 +31,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from indexer.files import atomic_write_bytes
-from indexer.images import ImageDecodeError, ImageRef, fs_to_text
-from moco.data import decode_working
+from indexer.images import ImageDecodeError, ImageRef, fs_to_text, working_size
+from moco.data import ImageFolder, decode_working
+
+if TYPE_CHECKING:
+    from moco.config import TrainConfig
 
 
 def default_cache_dir() -> Path:
@@ -159,6 +164,18 @@ def open_cache(root: Path, refs: list[ImageRef], side: int, *, cache_dir: Path |
         elif not (folder / "index.npz").exists():
             _write_index(folder, refs, entries)
     return DecodedCache(folder, refs, entries)
+
+
+def training_cache(config: TrainConfig, folder: ImageFolder) -> DecodedCache | None:
+    """The cache for a training run's folder (`--cache-dir`, `--cache-max-gb`), or None when it
+    cannot be had: the run then streams from the image files, and says so."""
+    try:
+        return open_cache(folder.root, folder.refs, working_size(config.image_size),
+                          cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+                          max_bytes=int(config.cache_max_gb * 2**30), workers=os.cpu_count() or 1)
+    except CacheUnavailable as err:
+        tqdm.write(f"note: {err}; streaming from the image files instead (see --cache-max-gb, --cache-dir)")
+        return None
 
 
 def _as_is(sample):

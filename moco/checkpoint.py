@@ -1,6 +1,7 @@
 """Contract 1: the training checkpoint, written atomically, read back with clear refusals.
 
-`load_backbone` is the one public way for other parts (export, evaluation) to read it.
+`training_state` packs what a checkpoint holds and `restore_training_state` puts it back into a
+resumed run; `load_backbone` is the one public way for other parts (export, evaluation) to read it.
 
 A checkpoint is a pickle, and unpickling can run any code the file names. So it is read with
 `torch.load(weights_only=True)`, whose unpickler builds only tensors and plain containers and
@@ -18,15 +19,22 @@ import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from indexer.files import atomic_write
 from moco.backbones import build_backbone
 from moco.config import FORMAT_VERSION, TrainConfig, resolve_stem
+from moco.data import ImageFolder, listing_digest
+
+if TYPE_CHECKING:
+    from moco.model import MoCo
+    from moco.pacer import Plan
+    from moco.runlog import Progress
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -93,6 +101,46 @@ def restore_rng_state(rng: dict[str, Any], device: torch.device) -> None:
     np.random.set_state((name, keys.astype(np.uint32), int(position), int(has_gauss), float(cached_gaussian)))
     version, internal, gauss_next = rng["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def training_state(config: TrainConfig, *, model: MoCo, optimizer: torch.optim.Optimizer, progress: Progress,
+                   plan: Plan, device: torch.device, folder: ImageFolder, val: ImageFolder | None) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly, as the checkpoint holds it (Contract 1)."""
+    return {
+        "config": config.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": None,  # bf16 autocast needs no loss scaling
+        "progress": vars(progress),
+        "plan": plan.to_dict(),
+        "rng": capture_rng_state(device),
+        "data": {"root": str(folder.root.resolve()),
+                 "val": str(val.root.resolve()) if val else None,
+                 "num_images": len(folder.refs),
+                 "listing_sha256": listing_digest(folder)},
+    }
+
+
+def restore_training_state(state: dict[str, Any], *, model: MoCo, optimizer: torch.optim.Optimizer,
+                           device: torch.device, folder: ImageFolder) -> None:
+    """Put a checkpoint's weights, optimizer and random generators back (the caller takes its
+    progress and plan), and warn when the data folder's file list changed since it was written."""
+    weights = dict(state["model"])
+    # Checkpoints from before the queue counted its real keys: theirs is full (random start).
+    weights.setdefault("queue_filled", torch.tensor(model.queue.shape[1]))
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"], device)
+    if state["data"]["listing_sha256"] != listing_digest(folder):
+        tqdm.write("warning: the data folder changed since the checkpoint; resuming on its current "
+                   "contents (the run will not match an uninterrupted one exactly)")
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The size of the tensors a checkpoint holds (weights and optimizer state), to price a write."""
+    return sum(t.numel() * t.element_size() for t in [
+        *model.state_dict().values(),
+        *(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))])
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -7,14 +7,18 @@ collate function drops it from the batch, and the trainer names it once and stop
 Augmentation randomness is seeded per sample from (seed, epoch, position in the epoch), not
 drawn from worker RNG streams, so the same run gives the same views with any number of workers
 and after resuming in the middle of an epoch.
+
+`training_batches` wires these pieces into what the training loop reads: the loader over the
+sampler's batches, and the step that makes each batch's two views on the device.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +34,12 @@ from indexer.images import (
     scan_images,
     working_size,
 )
+from moco.augment import TwoViews, normalize_on_device
+from moco.batch_augment import BatchTwoViews
+
+if TYPE_CHECKING:
+    from moco.cache import DecodedCache
+    from moco.config import TrainConfig
 
 
 class DataError(ValueError):
@@ -69,6 +79,14 @@ def open_folder(root: str | Path, *, classes: Sequence[str] | None = None) -> Im
     index = {name: i for i, name in enumerate(names)}
     labels = np.array([index.get(r.label, -1) if r.label is not None else -1 for r in refs], dtype=np.int64)
     return ImageFolder(root=root, refs=refs, classes=names, labels=labels)
+
+
+def listing_digest(folder: ImageFolder) -> str:
+    """Fingerprint of the file list, to tell a resumed run whether its data changed."""
+    digest = hashlib.sha256()
+    for ref in folder.refs:
+        digest.update(ref.relpath.encode() + b"\0")
+    return digest.hexdigest()
 
 
 class Failure(NamedTuple):
@@ -275,3 +293,54 @@ def make_loader(dataset: Dataset, *, workers: int, pin_memory: bool, batch_sampl
         persistent_workers=workers > 0 and batch_sampler is not None,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+class ViewsOnDevice:
+    """A training batch -> its two views on the device, normalized and in the memory format the
+    model runs in. With `--augment-on device` the batch holds working-resolution pixels, augmented
+    here in a few batched ops; with `--augment-on workers` it holds the views the workers made."""
+
+    def __init__(self, augment: BatchTwoViews | None, device: torch.device, *, mean: Sequence[float],
+                 std: Sequence[float], channels_last: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.augment, self.device, self.seed = augment, device, seed
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.channels_last = channels_last
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, batch: tuple, epoch: int, batch_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.augment is not None:
+            images, sizes, _ = batch
+            # One generator per batch, seeded by its place in the run: exact on resume.
+            position = batch_in_epoch * self.world_size + self.rank
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
+            views = self.augment(images.to(self.device, non_blocking=True), sizes, generator)
+        else:
+            view1, view2, _ = batch
+            views = view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True)
+        x1, x2 = (normalize_on_device(view, self.mean, self.std, self.channels_last) for view in views)
+        return x1, x2
+
+
+def training_batches(config: TrainConfig, folder: ImageFolder, cache: DecodedCache | None, sampler: EpochBatches,
+                     device: torch.device) -> tuple[DataLoader, ViewsOnDevice]:
+    """The training loader over `sampler`'s batches (each one `(batch or None, failures)`), and
+    the views step that turns a batch into the two augmented, normalized views on `device`."""
+    if config.augment_on == "device":
+        # Pixels to the device, augmented there in a few batched ops. Reading the cache is a
+        # memory copy, so worker processes would only take cores from the model.
+        augment = BatchTwoViews(config.augment, config.image_size, config.crop_min_scale,
+                                blur_relative=config.blur_relative)
+        dataset: Dataset = RawImages(folder.refs, config.image_size, cache)
+        workers, collate = (0 if cache is not None else config.workers), collate_padded
+    else:
+        augment = None
+        transform = TwoViews(config.augment, config.image_size, config.crop_min_scale,
+                             blur_relative=config.blur_relative)
+        dataset = TrainImages(folder.refs, transform, config.image_size, cache)
+        workers, collate = config.workers, collate_skipping_failures
+    loader = make_loader(dataset, workers=workers, batch_sampler=sampler, collate=collate,
+                         pin_memory=device.type == "cuda")
+    views = ViewsOnDevice(augment, device, mean=config.mean, std=config.std, channels_last=config.channels_last,
+                          seed=config.seed, rank=sampler.rank, world_size=sampler.world_size)
+    return loader, views

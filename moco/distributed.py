@@ -1,4 +1,5 @@
-"""torchrun / DDP support: process group set-up and the few collectives MoCo needs.
+"""torchrun / DDP support: the device each process runs on, process group set-up and the few
+collectives MoCo needs.
 
 Everything here is a no-op in a single process, so the model and the loop read the same
 either way. Launch with torchrun, which sets RANK, LOCAL_RANK and WORLD_SIZE.
@@ -31,6 +32,17 @@ class World:
 def world_from_env() -> World:
     return World(rank=int(os.environ.get("RANK", 0)), size=int(os.environ.get("WORLD_SIZE", 1)),
                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """CUDA when present (the GPU of this process's LOCAL_RANK under torchrun), else the CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
 
 
 def init(world: World, device: torch.device) -> None:

@@ -11,9 +11,7 @@ the total they are computed over. The metrics file, progress and stop signals ar
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import random
 import time
 from collections.abc import Collection
@@ -25,49 +23,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from indexer.images import working_size
 from moco import distributed
-from moco.augment import TwoViews, normalize_on_device
 from moco.backbones import WIDTHS
-from moco.batch_augment import BatchTwoViews
-from moco.cache import CacheUnavailable, DecodedCache, open_cache
-from moco.checkpoint import CHECKPOINT_NAME, capture_rng_state, restore_rng_state, save_checkpoint
+from moco.cache import training_cache
+from moco.checkpoint import CHECKPOINT_NAME, checkpoint_bytes, restore_training_state, save_checkpoint, training_state
 from moco.config import TrainConfig
-from moco.data import (
-    EpochBatches,
-    ImageFolder,
-    RawImages,
-    TrainImages,
-    collate_padded,
-    collate_skipping_failures,
-    make_loader,
-    sample_seed,
-)
+from moco.data import EpochBatches, ImageFolder, training_batches
 from moco.defaults import fit_to_plan
 from moco.evaluate import KnnMonitor
 from moco.model import MoCo
 from moco.optim import build_optimizer
 from moco.pacer import Pacer, Plan, Replan, format_duration
 from moco.runlog import MetricsLog, Progress, StopFlag, TrainingDiverged, TrainingStopped, tidy_run_dir
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """CUDA when present (the GPU of this process's LOCAL_RANK under torchrun), else the CPU."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
-def listing_digest(folder: ImageFolder) -> str:
-    """Fingerprint of the file list, to tell a resumed run whether its data changed."""
-    digest = hashlib.sha256()
-    for ref in folder.refs:
-        digest.update(ref.relpath.encode() + b"\0")
-    return digest.hexdigest()
 
 
 class Trainer:
@@ -123,27 +90,18 @@ class Trainer:
         else:
             self.plan = Plan.for_epochs(config.epochs, self.steps_per_epoch)
         if state is not None:
-            self._restore(state)
+            restore_training_state(state, model=self.model, optimizer=self.optimizer, device=device, folder=folder)
+            self.progress = Progress.from_dict(state["progress"])
 
-        # -- the data
-        self.cache = self._open_cache() if config.cache else None
+        # -- the data: the decoded cache (files that failed to decode are known from it at once),
+        # the loader over the sampler's batches, and `views`, which makes each batch's two views
+        # (augmented and normalized, on the device)
+        self.cache = training_cache(config, folder) if config.cache else None
+        if self.cache is not None:
+            for index, reason in self.cache.failed().items():
+                self._skip(folder.refs[index].relpath, reason)
         self.sampler.exclude({i for i, r in enumerate(folder.refs) if r.relpath in self.progress.skipped})
-        if config.augment_on == "device":
-            # Pixels to the device, augmented there in a few batched ops. Reading the cache is a
-            # memory copy, so worker processes would only take cores from the model.
-            self.batch_views = BatchTwoViews(config.augment, config.image_size, config.crop_min_scale,
-                                             blur_relative=config.blur_relative)
-            dataset = RawImages(folder.refs, config.image_size, self.cache)
-            workers, collate = (0 if self.cache is not None else config.workers), collate_padded
-        else:
-            transform = TwoViews(config.augment, config.image_size, config.crop_min_scale,
-                                 blur_relative=config.blur_relative)
-            dataset = TrainImages(folder.refs, transform, config.image_size, self.cache)
-            workers, collate = config.workers, collate_skipping_failures
-        self.loader = make_loader(dataset, workers=workers, batch_sampler=self.sampler, collate=collate,
-                                  pin_memory=device.type == "cuda")
-        self.mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
+        self.loader, self.views = training_batches(config, folder, self.cache, self.sampler, device)
 
         # -- evaluation, the records, the time budget
         self.monitor = None
@@ -256,17 +214,6 @@ class Trainer:
         return f"epoch {self.progress.epoch + 1}/{self.plan.epochs}"
 
     # -- data ----------------------------------------------------------------------------------
-    def _views(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.config.augment_on == "device":
-            images, sizes, _ = batch
-            p = self.progress
-            # One generator per batch, seeded by its place in the run: exact on resume.
-            position = p.batch_in_epoch * self.world.size + self.world.rank
-            generator = torch.Generator().manual_seed(sample_seed(self.config.seed, p.epoch, position))
-            return self.batch_views(images.to(self.device, non_blocking=True), sizes, generator)
-        view1, view2, _ = batch
-        return view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True)
-
     def _record_failures(self, failures) -> None:
         if self.world.enabled and self.cache is None:
             # Streaming: a file fails on one rank only; all ranks must drop it alike so their
@@ -290,7 +237,7 @@ class Trainer:
         lr = self.last_lr = plan.lr(step, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x1, x2 = (normalize_on_device(view, self.mean, self.std, config.channels_last) for view in self._views(batch))
+        x1, x2 = self.views(batch, self.progress.epoch, self.progress.batch_in_epoch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             loss = self.forward(x1, x2, plan.momentum(step, config))
         self.optimizer.zero_grad(set_to_none=True)
@@ -368,10 +315,8 @@ class Trainer:
             began = time.monotonic()
             self._evaluate()
             eval_s = distributed.reduce_over_ranks(time.monotonic() - began, "max", device=self.device)
-        state_bytes = sum(t.numel() * t.element_size() for t in [
-            *self.model.state_dict().values(),
-            *(t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t))])
-        steps = self.pacer.make_plan(p.step, eval_s=eval_s, evals_wanted=config.monitor_evals, state_bytes=state_bytes)
+        steps = self.pacer.make_plan(p.step, eval_s=eval_s, evals_wanted=config.monitor_evals,
+                                     state_bytes=checkpoint_bytes(self.model, self.optimizer))
         notes = fit_to_plan(config, self.explicit, num_images=len(self.folder.refs), planned_steps=steps,
                             steps_per_epoch=self.steps_per_epoch)
         if config.queue_size and config.queue_size < self.model.queue.shape[1]:
@@ -436,32 +381,9 @@ class Trainer:
     def save(self) -> None:
         if not self.world.is_main:  # one writer: rank 0 holds the same state as every rank
             return
-        state = {
-            "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": None,  # bf16 autocast needs no loss scaling
-            "progress": vars(self.progress),
-            "plan": self.plan.to_dict(),
-            "rng": capture_rng_state(self.device),
-            "data": {"root": str(self.folder.root.resolve()),
-                     "val": str(self.val.root.resolve()) if self.val else None,
-                     "num_images": len(self.folder.refs),
-                     "listing_sha256": listing_digest(self.folder)},
-        }
+        state = training_state(self.config, model=self.model, optimizer=self.optimizer, progress=self.progress,
+                               plan=self.plan, device=self.device, folder=self.folder, val=self.val)
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, state)
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        weights = dict(state["model"])
-        # Checkpoints from before the queue counted its real keys: theirs is full (random start).
-        weights.setdefault("queue_filled", torch.tensor(self.model.queue.shape[1]))
-        self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = Progress.from_dict(state["progress"])
-        restore_rng_state(state["rng"], self.device)
-        if state["data"]["listing_sha256"] != listing_digest(self.folder):
-            tqdm.write("warning: the data folder changed since the checkpoint; resuming on its current "
-                       "contents (the run will not match an uninterrupted one exactly)")
 
     # -- stop ----------------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -475,16 +397,3 @@ class Trainer:
                                 "epochs": round(p.step / max(1, self.steps_per_epoch), 4),
                                 "budget_s": self.config.time_budget, "time": self._now()})
         self._checkpoint()
-
-    def _open_cache(self) -> DecodedCache | None:
-        config = self.config
-        try:
-            cache = open_cache(self.folder.root, self.folder.refs, working_size(config.image_size),
-                               cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-                               max_bytes=int(config.cache_max_gb * 2**30), workers=os.cpu_count() or 1)
-        except CacheUnavailable as err:
-            tqdm.write(f"note: {err}; streaming from the image files instead (see --cache-max-gb, --cache-dir)")
-            return None
-        for index, reason in cache.failed().items():
-            self._skip(self.folder.refs[index].relpath, reason)
-        return cache

@@ -140,11 +140,15 @@ def test_demo_data_writes_all_digits(tmp_path, capsys):
     ("arch", "unknown arch 'resnet999'"),
     ("resume-missing", "no checkpoint at"),
     ("exists", "already holds a run"),
+    ("out-is-file", "exists and is not a folder"),
+    ("out-under-file", "cannot make the run folder"),
     ("device", "--device must be"),
 ])
 def test_bad_training_input_is_one_line_and_exit_2(case, needle, tmp_path, capsys, trained):
     folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=3)
     (tmp_path / "empty").mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
     args = {
         "empty": ["train", str(tmp_path / "empty")],
         "missing": ["train", str(tmp_path / "nowhere")],
@@ -153,10 +157,12 @@ def test_bad_training_input_is_one_line_and_exit_2(case, needle, tmp_path, capsy
         "arch": ["train", str(folder), "--arch", "resnet999"],
         "resume-missing": ["train", "--resume", str(tmp_path / "norun")],
         "exists": ["train", str(folder), "--out", str(trained[2])],
+        "out-is-file": ["train", str(folder), "--out", str(a_file)],
+        "out-under-file": ["train", str(folder), "--out", str(a_file / "run")],
         "device": ["train", str(folder), "--device", "tpu"],
     }[case]
-    assert main([*args, "--out", str(tmp_path / "out")] if case != "exists" and "--resume" not in args
-                else args) == 2
+    own_out = case in ("exists", "out-is-file", "out-under-file") or "--resume" in args
+    assert main(args if own_out else [*args, "--out", str(tmp_path / "out")]) == 2
     assert_one_line_error(capsys, needle)
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
 

@@ -19,8 +19,7 @@ from PIL import Image
 
 from moco.__main__ import main
 from moco.cache import open_cache
-from moco.data import Failure, RawImages, open_folder
-from moco.train import listing_digest
+from moco.data import Failure, RawImages, listing_digest, open_folder
 from tests.indexer.test_odd_files import fails_instead_of_hanging, make_unreadable, write_named
 from tests.moco.conftest import make_image_folder
 
