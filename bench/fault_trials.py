@@ -63,6 +63,9 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.indexer.conftest import picture  # noqa: E402  (the tests' own tiny pictures: one recipe)
+
 SCRIPT = Path(__file__).resolve()
 PY = sys.executable
 IMAGE_SIZE = 32
@@ -249,16 +252,6 @@ def judge_refusal(family: str, name: str, p: Proc, *, accept: Iterable[int] = (2
 # --------------------------------------------------------------------------------------------
 # Data made here
 # --------------------------------------------------------------------------------------------
-
-def picture(seed: int, color: tuple[int, int, int] = COLORS[0], size: tuple[int, int] = (48, 40)) -> Image.Image:
-    """A noisy background with a coloured rectangle: distinct per seed, similar within a colour."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    pixels = rng.integers(0, 70, (h, w, 3)).astype(np.int16)
-    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
-    pixels[y:y + h // 2, x:x + w // 2] += np.array(color, np.int16)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
 
 def encode(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
