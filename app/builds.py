@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app import jobs, roots
-from indexer import store
+from app import jobs, markup, roots
+from indexer import models, store
+from indexer.embed import ModelError
 
-__all__ = ["RECIPES", "BuildRequest", "FormError", "build_key", "check_build", "list_models", "start_build",
-           "start_update", "update_key"]
+__all__ = ["RECIPES", "BuildRequest", "FormError", "build_key", "check_build", "done_message", "folder_or_none",
+           "list_models", "model_label", "preferred_model", "start_build", "start_update", "update_key"]
 
 REPO = Path(__file__).resolve().parent.parent  # the children run `python -m indexer` from here
 RECIPES = ("auto", "flat", "hnsw", "ivf")
@@ -40,11 +41,37 @@ class BuildRequest:
 
 
 def list_models(workdir: Path) -> list[Path]:
-    """``WORKDIR/models/*.onnx``, newest first (the one ``indexer build`` would pick by default)."""
-    folder = workdir / "models"
-    if not folder.is_dir():
-        return []
-    return sorted(folder.glob("*.onnx"), key=lambda p: (-p.stat().st_mtime, p.name))
+    """``WORKDIR/models/*.onnx``, newest first (:func:`indexer.models.list_models`)."""
+    return models.list_models(workdir / "models")
+
+
+def model_label(path: Path) -> str:
+    """How the form lists a model: its file name and what it was trained on."""
+    info = models.model_info(path)
+    if info.error:
+        return f"{path.name} (unreadable)"
+    return f"{path.name} · trained on {info.train_data}, {info.image_size} px"
+
+
+def folder_or_none(text: str, data_roots: Sequence[Path]) -> Path | None:
+    """The folder the form names, when it is an allowed one; None otherwise (the form's check
+    says why when the person submits it, and nothing about a refused path is shown before)."""
+    try:
+        return roots.check_folder(text, data_roots) if text.strip() else None
+    except roots.PathRefused:
+        return None
+
+
+def preferred_model(folder: Path | None, candidates: Sequence[Path]) -> Path | None:
+    """The model ``indexer build`` would choose for ``folder`` among ``candidates`` (the one
+    trained on it, :func:`indexer.models.choose_model`), or None when none was: then the person
+    chooses, seeing what each was trained on, instead of getting the newest file silently."""
+    if folder is None or not candidates:
+        return None
+    try:
+        return models.choose_model(folder, candidates=candidates).path
+    except ModelError:
+        return None
 
 
 def check_name(text: str, images: Path) -> str:
@@ -73,7 +100,8 @@ def check_build(images: str, name: str, model: Path | None, recipe: str, indexes
     if out.exists() and not out.is_dir():
         raise FormError(f"{out} is a file; pick another name.")
     if model is None:
-        raise FormError("No model to embed with: export one to models/NAME.onnx "
+        raise FormError(f"No model was trained on {folder}: choose one in the Model list (each says what it was "
+                        "trained on), or train one on this folder and export it to models/NAME.onnx "
                         "(python -m exports runs/NAME -o models/NAME.onnx).")
     if not Path(model).is_file():
         raise FormError(f"The model {model} is gone; reload the page.")
@@ -88,6 +116,21 @@ def build_key(out: Path) -> str:
 
 def update_key(directory: Path) -> str:
     return f"update:{Path(directory).resolve()}"
+
+
+def done_message(key: str, title: str, seconds: float, fixed: Path | None) -> str:
+    """What to say when a build or update job ends well (Markdown). ``fixed``: the app's
+    ``--collection``, when it was started on one: then there is no collection list in the sidebar,
+    and the new collection is opened by starting the app on it."""
+    kind, _, where = key.partition(":")
+    head = f"{markup.md(title)}: done in {seconds:.0f} s."
+    if kind == "update":
+        return f"{head} This page shows the updated collection."
+    if fixed is not None:
+        return (f"{head} Written to {markup.code(where)}. This app was started on one collection "
+                f"({markup.code(fixed)}); to open the new one, run "
+                f"{markup.code(f'streamlit run app/main.py -- --collection {where}')}.")
+    return f"{head} Choose it in the sidebar's collection list."
 
 
 def start_build(request: BuildRequest) -> jobs.Job:

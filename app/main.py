@@ -30,8 +30,12 @@ from app import markup, state  # noqa: E402
 from app.demo import DemoPaths  # noqa: E402
 
 VIEWS = Path(__file__).resolve().parent / "views"
+# The tab's icon is a file served by the app itself: Streamlit turns a ":material/…:" page icon
+# into a link to Google's font service and an emoji into one to a CDN, so every visit would call
+# another host (and show no icon offline). Material icons inside the page ship with Streamlit.
+ICON = Path(__file__).resolve().parent / "icon.png"
 
-st.set_page_config(page_title="MoCo image search", page_icon=":material/image_search:", layout="wide")
+st.set_page_config(page_title="MoCo image search", page_icon=str(ICON), layout="wide")
 cfg = state.config()
 
 

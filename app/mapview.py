@@ -21,7 +21,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
+from PIL import Image, ImageCms
+from plotly.colors import convert_colors_to_same_type, qualitative
 
 from indexer.fewlabel import has_label
 
@@ -33,8 +34,54 @@ MAX_POINTS = 20_000
 MAX_LEGEND_GROUPS = 48
 NO_LABEL = "(no label)"
 NO_LABEL_COLOUR = "#b0b0b0"
-PALETTE = [*qualitative.Dark24, *qualitative.Light24]
 QUERY_COLOUR = "#e4572e"
+BACKGROUND = "#ffffff"
+PALE = 85.0
+"""Lightness (CIE L*, 0-100) above which a colour is too pale to see as a small marker on white."""
+
+
+def to_hex(colours: Sequence[str]) -> list[str]:
+    """Plotly colours ("#rrggbb", "rgb(r, g, b)") as lower-case "#rrggbb"."""
+    tuples = convert_colors_to_same_type(list(colours), colortype="tuple")[0]
+    return ["#" + "".join(f"{round(255 * c):02x}" for c in t) for t in tuples]
+
+
+def lab(colours: Sequence[str]) -> npt.NDArray[np.float64]:
+    """CIELAB (L* 0-100, a*, b*) of plotly colours ("#rrggbb" or "rgb(r, g, b)"), by Pillow's
+    colour management (littleCMS): distances there follow what the eye tells apart."""
+    rgb = [tuple(round(255 * c) for c in t)
+           for t in convert_colors_to_same_type(list(colours), colortype="tuple")[0]]
+    strip = Image.new("RGB", (len(rgb), 1))
+    strip.putdata(rgb)
+    out = np.asarray(ImageCms.applyTransform(strip, _SRGB_TO_LAB))[0]  # L scaled to 0-255; a, b as int8
+    return np.column_stack([out[:, 0] * (100 / 255), out[:, 1:].view(np.int8)]).astype(np.float64)
+
+
+def distinct_palette(candidates: Sequence[str], n: int, avoid: Sequence[str] = (BACKGROUND, NO_LABEL_COLOUR)
+                     ) -> list[str]:
+    """``n`` colours from ``candidates``, each the one farthest (CIE76 in CIELAB) from all chosen
+    before and from ``avoid`` (the background, the grey of unlabelled points): greedy
+    farthest-point order, so the first k colours are well apart for every k, and a map of 12
+    classes does not get two pinks as the first 24 of Dark24 gave it. Pale candidates are skipped."""
+    unique = list(dict.fromkeys(to_hex(candidates)))
+    points = lab(unique)
+    keep = points[:, 0] <= PALE
+    unique, points = [c for c, k in zip(unique, keep) if k], points[keep]
+    nearest = np.min(np.linalg.norm(points[:, None] - lab(avoid)[None], axis=2), axis=1)
+    chosen: list[str] = []
+    for _ in range(min(n, len(unique))):
+        best = int(np.argmax(nearest))
+        chosen.append(unique[best])
+        nearest = np.minimum(nearest, np.linalg.norm(points - points[best], axis=1))
+        nearest[best] = -1.0
+    return chosen
+
+
+_SRGB_TO_LAB = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+PALETTE = distinct_palette([*qualitative.Alphabet, *qualitative.Dark24, *qualitative.Light24, *qualitative.D3,
+                            *qualitative.Set1, *qualitative.Bold, *qualitative.Vivid, *qualitative.Safe],
+                           MAX_LEGEND_GROUPS)
+"""Class colours in order; plotly's qualitative palettes re-ordered for distinctness."""
 
 
 @dataclass(frozen=True)
@@ -172,10 +219,12 @@ def build_map(frame: pd.DataFrame, groups: npt.ArrayLike, *, max_points: int = M
     if query_xy is not None and all(np.isfinite(query_xy)):
         figure.add_trace(_query_trace(query_xy, query_title))
         trace_ids.append(np.zeros(0, dtype=np.int64))
-    figure.update_layout(height=height, margin={"l": 0, "r": 0, "t": 10, "b": 0}, legend={"itemsizing": "constant"},
-                         uirevision="map")
+    # No fixed width and no locked aspect ratio: the chart takes the page's width and the points
+    # fill it (a 1:1 lock left two thirds of a wide page blank; a projection's aspect means little).
+    figure.update_layout(height=height, autosize=True, margin={"l": 0, "r": 0, "t": 10, "b": 0},
+                         legend={"itemsizing": "constant"}, uirevision="map")
     figure.update_xaxes(visible=False)
-    figure.update_yaxes(visible=False, scaleanchor="x", scaleratio=1)
+    figure.update_yaxes(visible=False)
     return MapFigure(figure, len(rows), len(frame), trace_ids)
 
 

@@ -20,6 +20,7 @@ from app.components import job_stages
 from indexer import ann, store
 from indexer.collection import Collection
 from indexer.embed import ModelError
+from indexer.models import model_info
 
 SESSION_JOBS = "collection_page_jobs"
 
@@ -127,7 +128,11 @@ def show_update(collection: Collection) -> None:
 
 def show_build_form(collection: Collection | None) -> None:
     """The form, only when the server allows data roots; a typed folder is checked against them
-    (:mod:`app.roots`) before anything under it is read."""
+    (:mod:`app.roots`) before anything under it is read.
+
+    Not an ``st.form``: the model list must follow the folder as it is chosen, preselecting the
+    model trained on it (the rule of ``indexer build``, :func:`app.builds.preferred_model`) and
+    selecting nothing when none was, so no model is ever used without the person seeing it."""
     cfg = state.config()
     st.subheader("Build a new collection")
     allowed = data_roots(cfg.data_roots)
@@ -138,34 +143,51 @@ def show_build_form(collection: Collection | None) -> None:
     if collection is not None:
         models.append(collection.directory / collection.manifest["model_file"])
     choices = [str(p) for p in roots.folder_choices(allowed)]
-    with st.form("build_form"):
-        chosen = st.selectbox("Image folder", choices, key="build_folder",
-                              help="an allowed folder or one of its sub-folders; every image under it, recursively, "
-                                   "is indexed, and a first-level sub-folder is the label")
-        typed = st.text_input("…or type a folder inside them", key="build_images",
-                              placeholder=f"e.g. {allowed[0] / 'photos'}, or photos (relative to {allowed[0]})",
-                              help="absolute, ~/…, or relative to the first allowed folder; links are followed, "
-                                   "and must stay inside an allowed folder")
-        name = st.text_input("Collection name", key="build_name", placeholder="default: the folder's name",
-                             help=f"a new folder under {markup.md(cfg.indexes)}")
-        if models:
-            model = st.selectbox("Model", models, key="build_model", format_func=lambda p: _model_name(p, collection))
-        else:
-            model = None
-            st.warning(f"No model in {markup.code(cfg.workdir / 'models')}: export one with "
-                       "`python -m exports runs/NAME -o models/NAME.onnx`.")
-        recipe = st.selectbox("Index", builds.RECIPES, key="build_recipe",
-                              help="auto: exact search up to ~20k images, then IVF tuned to recall@10 ≥ 0.95")
-        submitted = st.form_submit_button("Build", type="primary")
-    if submitted:
+    chosen = st.selectbox("Image folder", choices, key="build_folder",
+                          help="an allowed folder or one of its sub-folders; every image under it, recursively, "
+                               "is indexed, and a first-level sub-folder is the label")
+    typed = st.text_input("…or type a folder inside them", key="build_images",
+                          placeholder=f"e.g. {allowed[0] / 'photos'}, or photos (relative to {allowed[0]})",
+                          help="absolute, ~/…, or relative to the first allowed folder; links are followed, "
+                               "and must stay inside an allowed folder")
+    name = st.text_input("Collection name", key="build_name", placeholder="default: the folder's name",
+                         help=f"a new folder under {markup.md(cfg.indexes)}")
+    images = typed if typed.strip() else (chosen or "")
+    if models:
+        model = model_picker(builds.folder_or_none(images, allowed), models, collection)
+    else:
+        model = None
+        st.warning(f"No model in {markup.code(cfg.workdir / 'models')}: export one with "
+                   "`python -m exports runs/NAME -o models/NAME.onnx`.")
+    recipe = st.selectbox("Index", builds.RECIPES, key="build_recipe",
+                          help="auto: exact search up to ~20k images, then IVF tuned to recall@10 ≥ 0.95")
+    if st.button("Build", type="primary", key="build_submit"):
         try:
-            request = builds.check_build(typed if typed.strip() else (chosen or ""), name, model, recipe,
-                                         cfg.indexes, allowed)
+            request = builds.check_build(images, name, model, recipe, cfg.indexes, allowed)
         except builds.FormError as exc:
             st.error(markup.md(exc))
         else:
             builds.start_build(request)
             remember_job(builds.build_key(request.out))
+
+
+def model_picker(folder: Path | None, models: list[Path], collection: Collection | None) -> Path | None:
+    """The model list: each entry says what it was trained on; when the folder changes, the model
+    trained on it is preselected, or none when no model was (the person must choose)."""
+    preferred = builds.preferred_model(folder, models)
+    if st.session_state.get("build_model_for") != str(folder) or "build_model" not in st.session_state:
+        st.session_state["build_model_for"] = str(folder)
+        st.session_state["build_model"] = preferred
+    model: Path | None = st.selectbox("Model", models, key="build_model", placeholder="choose a model",
+                                      format_func=lambda p: _model_name(p, collection))
+    if model is not None:
+        why = "trained on this folder" if model == preferred else "chosen by you"
+        st.caption(f"Embeds with {markup.code(model.name)}, trained on "
+                   f"{markup.md(model_info(model).train_data)} ({why}).")
+    elif folder is not None:
+        st.warning(f"No model was trained on {markup.code(folder)}: choose one (each says what it was trained "
+                   "on); a model trained on other pictures embeds these less well.")
+    return model
 
 
 @st.cache_resource(show_spinner=False)
@@ -180,8 +202,8 @@ def data_roots(given: tuple[Path, ...]) -> tuple[Path, ...]:
 
 def _model_name(path: Path, collection: Collection | None) -> str:
     if collection is not None and path.parent == collection.directory:
-        return f"the model of {collection.directory.name} ({path.name})"
-    return path.name
+        return f"the model of {collection.directory.name} ({builds.model_label(path)})"
+    return builds.model_label(path)
 
 
 def draw_job(job: jobs.Job) -> None:
@@ -189,7 +211,7 @@ def draw_job(job: jobs.Job) -> None:
     job_stages(job)
     if job.status == "done":
         summary = [line for line in job.log if not line.startswith("$ ")][-4:]
-        st.success(f"{markup.md(job.title)}: done in {job.seconds:.0f} s. Choose it in the sidebar's collection list.")
+        st.success(builds.done_message(job.key, job.title, job.seconds, state.config().collection))
         if summary:
             st.code("\n".join(summary), language=None)
     elif job.status in ("failed", "cancelled"):

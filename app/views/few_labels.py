@@ -114,16 +114,20 @@ def show_curve(view: View, classifiers: tuple[str, ...], n_seeds: int) -> None:
 
 
 def show_classes(view: View, evaluation: fewlabels.Evaluation) -> None:
-    left, right = st.columns([3, 2])
-    with left:
-        st.subheader("Confusion matrix")
-        st.plotly_chart(fewlabels.confusion_figure(evaluation.confusion, evaluation.classes), key=view.key("confusion"))
-        st.caption("Counts summed over seeds; colour = share of the true class.")
-    with right:
-        st.subheader("Per class")
-        st.dataframe(fewlabels.per_class_table(evaluation), hide_index=True, column_config={
-            "accuracy": st.column_config.ProgressColumn("accuracy", format="percent", min_value=0, max_value=1),
-            "tested": st.column_config.NumberColumn("tested / seed")})
+    """The matrix, then the table, each the page's full width: side by side, a table of four
+    columns with folder names needed a horizontal scroll, and a matrix of many classes is cramped."""
+    st.subheader("Confusion matrix")
+    st.plotly_chart(fewlabels.confusion_figure(evaluation.confusion, evaluation.classes), key=view.key("confusion"),
+                    width="stretch")
+    st.caption("Counts summed over seeds; colour = share of the true class.")
+    st.subheader("Per class")
+    st.dataframe(fewlabels.per_class_table(evaluation), hide_index=True, width="stretch", column_config={
+        "class": st.column_config.TextColumn("class", width="medium"),
+        "tested": st.column_config.NumberColumn("tested / seed", width="small",
+                                                help="Images classified per seed (those not labelled)."),
+        "accuracy": st.column_config.ProgressColumn("accuracy", format="percent", min_value=0, max_value=1,
+                                                    width="medium"),
+        "most often taken for": st.column_config.TextColumn("most often taken for", width="medium")})
 
 
 def show_mistakes(view: View, evaluation: fewlabels.Evaluation) -> None:
@@ -194,19 +198,19 @@ def label_suggestions(view: View, frame: pd.DataFrame, labelled: dict[int, str])
     n = int(left.number_input("How many", min_value=1, max_value=40, value=SUGGESTIONS_DEFAULT, key=view.key("n")))
     if right.button("Other suggestions", key=view.key("reshuffle")):
         st.session_state[view.key("round")] = st.session_state.get(view.key("round"), 0) + 1
-    seed = int(st.session_state.get(view.key("round"), 0))
-    with st.spinner("Choosing images spread over the collection…"):
-        ids = fewlabels.suggestions(view.collection, view.directory, view.collection.generation, n, seed,
-                                    tuple(sorted(labelled)))
+    ids = suggested_grid(view, n, labelled)
     if not ids:
         st.caption("Every image has a label.")
         return
     known = sorted(set(labelled.values()))
     st.caption("One image per region of the embedding space, regions without labels first. "
-               + (f"Labels so far: {markup.md(', '.join(known))}." if known
-                  else "Type a label under each (or leave it empty)."))
+               + (f"Labels so far: {markup.md(', '.join(known))}. " if known
+                  else "Type a label under each (or leave it empty). ")
+               + "Nothing is stored until you press Save labels.")
     table = state.item_table(view.collection)
-    with st.form(view.key("label-form"), border=False):
+    # Enter does not submit: a submit saves and brings the next suggestions, and a grid that
+    # changes while a person types under it puts the next label beside another image.
+    with st.form(view.key("label-form"), border=False, enter_to_submit=False):
         for start in range(0, len(ids), COLUMNS):
             for cell, item_id in zip(st.columns(COLUMNS), ids[start:start + COLUMNS]):
                 with cell:
@@ -221,11 +225,30 @@ def label_suggestions(view: View, frame: pd.DataFrame, labelled: dict[int, str])
         save_typed(view, ids, table)
 
 
+def suggested_grid(view: View, n: int, labelled: dict[int, str]) -> list[int]:
+    """The images to label, held in the session until the person asks for others ("Other
+    suggestions", another count, Save labels) or the collection changes. Why: suggestions depend
+    on the labels, and a grid recomputed on a rerun (a CSV import, another widget) would move the
+    images while a person types under them; each box is keyed by its item id, so a label stays
+    with its image, but the person must also still see that image beside the box."""
+    wanted = (view.collection.generation, n, int(st.session_state.get(view.key("round"), 0)))
+    held = st.session_state.get(view.key("grid"))
+    if held is None or held[0] != wanted:
+        with st.spinner("Choosing images spread over the collection…"):
+            ids = fewlabels.suggestions(view.collection, view.directory, wanted[0], n, wanted[2],
+                                        tuple(sorted(labelled)))
+        held = (wanted, tuple(ids))
+        st.session_state[view.key("grid")] = held
+    return list(held[1])
+
+
 def save_typed(view: View, ids: list[int], table: state.ItemTable) -> None:
     typed = {str(table.row(item_id)["path"]): str(st.session_state.get(view.key(f"label:{item_id}")) or "").strip()
              for item_id in ids}
     typed = {path: text for path, text in typed.items() if text}
     view.collection.set_user_labels(typed)
+    if typed:  # the next suggestions leave out what was just labelled
+        st.session_state.pop(view.key("grid"), None)
     saved = len(typed)
     st.session_state[view.key("flash")] = f"Saved {saved} label{'s' if saved != 1 else ''}." if saved \
         else "Nothing to save: type a label under an image first."

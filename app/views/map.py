@@ -21,7 +21,8 @@ from indexer.fewlabel import has_label
 
 CHART_KEY = "map_chart"
 NEIGHBOURS = 6
-AREA_TILES = 9
+AREA_TILES = 6  # one row
+TILE_COLUMNS = 6  # below a full-width map: thumbnails stay thumbnail-sized
 DEFAULT_CLUSTERS = 10
 
 
@@ -61,17 +62,20 @@ def make_query(collection: Collection, item_id: int) -> None:
 def show_item(collection: Collection, table: state.ItemTable, item_id: int) -> None:
     """One clicked point: its thumbnail, a button to search with it, and its nearest images."""
     row = table.row(item_id)
-    thumb = collection.thumbnail(item_id)
-    if thumb is not None:
-        st.image(thumb, width=200)
-    label = markup.md(row["label"]) if has_label(row["label"]) else "none"
-    st.markdown(f"{markup.code(row['path'])}  \nlabel **{label}**")
-    if st.button("Search with this image", key="map_search_selected", type="primary"):
-        make_query(collection, item_id)
-    hits = collection.search_id(item_id, NEIGHBOURS)
-    st.markdown(f"**Top {len(hits)} neighbours**")
-    tiles = [Tile(h.id, [f"**{h.score:.3f}** · {markup.md(h.label or 'unlabeled')}"]) for h in hits]
-    clicked = tile_grid(collection, tiles, key="map_neighbours", columns=3)
+    item_col, hits_col = st.columns([1, 4], gap="medium")
+    with item_col:
+        thumb = collection.thumbnail(item_id)
+        if thumb is not None:
+            st.image(thumb, width=200)
+        label = markup.md(row["label"]) if has_label(row["label"]) else "none"
+        st.markdown(f"{markup.code(row['path'])}  \nlabel **{label}**")
+        if st.button("Search with this image", key="map_search_selected", type="primary"):
+            make_query(collection, item_id)
+    with hits_col:
+        hits = collection.search_id(item_id, NEIGHBOURS)
+        st.markdown(f"**Top {len(hits)} neighbours**")
+        tiles = [Tile(h.id, [f"**{h.score:.3f}** · {markup.md(h.label or 'unlabeled')}"]) for h in hits]
+        clicked = tile_grid(collection, tiles, key="map_neighbours", columns=TILE_COLUMNS)
     if clicked is not None:
         make_query(collection, clicked)
 
@@ -83,7 +87,7 @@ def show_area(collection: Collection, table: state.ItemTable, ids: list[int]) ->
     counts = rows["label"].fillna(mapview.NO_LABEL).value_counts()
     st.caption(" · ".join(f"{markup.md(name)}: {count:,}" for name, count in counts.head(8).items()))
     tiles = [Tile(int(r.id), [markup.code(r.name)]) for r in rows.head(AREA_TILES).itertuples()]
-    clicked = tile_grid(collection, tiles, key="map_area", columns=3)
+    clicked = tile_grid(collection, tiles, key="map_area", columns=TILE_COLUMNS)
     if clicked is not None:
         make_query(collection, clicked)
 
@@ -109,22 +113,20 @@ def render() -> None:
                               query_xy=query.xy if query is not None else None,
                               query_title=query.title if query is not None else "")
 
-    map_col, side_col = st.columns([3, 2], gap="medium")
-    with map_col:
-        event = st.plotly_chart(drawn.figure, key=CHART_KEY, on_select="rerun",
-                                selection_mode=("points", "box", "lasso"),
-                                config={"scrollZoom": True, "displaylogo": False})
-        note = f"{drawn.caption}." + (f" ★ marks the query: {markup.code(query.title)}."
-                                      if query is not None and query.xy else "")
-        st.caption(note)
-    with side_col:
-        selection = mapview.read_selection(event.selection if event is not None else None, drawn.trace_ids)
-        if not selection.ids:
-            st.info("Click a point, or draw a box or lasso (tools above the map), to see its images here.")
-        elif not selection.area:
-            show_item(collection, table, selection.ids[0])
-        else:
-            show_area(collection, table, selection.ids)
+    # The map takes the page's whole width; what is picked on it is shown below.
+    event = st.plotly_chart(drawn.figure, key=CHART_KEY, on_select="rerun", width="stretch",
+                            selection_mode=("points", "box", "lasso"),
+                            config={"scrollZoom": True, "displaylogo": False})
+    note = f"{drawn.caption}." + (f" ★ marks the query: {markup.code(query.title)}."
+                                  if query is not None and query.xy else "")
+    st.caption(note)
+    selection = mapview.read_selection(event.selection if event is not None else None, drawn.trace_ids)
+    if not selection.ids:
+        st.info("Click a point, or draw a box or lasso (tools above the map), to see its images below the map.")
+    elif not selection.area:
+        show_item(collection, table, selection.ids[0])
+    else:
+        show_area(collection, table, selection.ids)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,17 @@ never a browser download. Without a browser the test is skipped, except where
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from app import local_server, roots
 from indexer.build import build
+from indexer.collection import Collection
 from tests.indexer.conftest import COLORS, make_images, make_model, picture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,3 +216,128 @@ def test_a_browser_cannot_build_list_or_view_outside_the_data_roots(guarded: dic
             assert response.status != 200 or b"root:" not in response.body(), path
     finally:
         page.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing is fetched from another host
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_app_requests_nothing_from_another_host(server: str, browser: Any) -> None:
+    """Icons, fonts and scripts come from the app's own server: a page that calls a font service
+    or a CDN leaks who uses the app, and breaks where there is no internet."""
+    from playwright.sync_api import expect
+
+    own = urlsplit(server).netloc
+    requested: list[str] = []
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    page.on("request", lambda request: requested.append(request.url))
+    try:
+        page.goto(server)
+        expect(page.get_by_text("Top 10 neighbours")).to_be_visible(timeout=60_000)
+        for title, shown in (("Map", "Map"), ("Few labels", "Few labels"), ("Collection", "Collection")):
+            page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+            expect(page.get_by_role("heading", name=shown).first).to_be_visible(timeout=60_000)
+        page.wait_for_timeout(1500)  # late requests: the favicon, fonts, lazy chunks
+    finally:
+        page.close()
+    assert requested
+    outside = sorted({url for url in requested if urlsplit(url).scheme in ("http", "https", "ws", "wss")
+                      and urlsplit(url).netloc != own})
+    assert not outside, outside
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels typed in the interactive mode land on the image beside their box (issue 17.7)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def labelling(collection_dir: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The app on a copy of the session's collection (labels are written into it)."""
+    copy = tmp_path / "photos"
+    shutil.copytree(collection_dir, copy)
+    with local_server.serve("--collection", str(copy), log=tmp_path / "streamlit.log") as running:
+        yield {"url": running.url, "collection": copy}
+
+
+def test_typed_labels_land_on_the_image_beside_their_box(labelling: dict[str, Any], browser: Any) -> None:
+    """Type a label under every suggested image, ending each with Enter, Tab or a click
+    elsewhere, then save: each label is stored on the image whose name was shown above its box."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    try:
+        page.goto(f"{labelling['url']}/few_labels")
+        page.get_by_text("Label interactively", exact=True).click()
+        expect(page.get_by_text("Label these", exact=True)).to_be_visible(timeout=60_000)
+        boxes = page.get_by_placeholder("label", exact=True)
+        expect(boxes).to_have_count(8, timeout=30_000)
+        cells = page.get_by_test_id("stColumn").filter(has=page.get_by_placeholder("label", exact=True))
+        names = [cell.get_by_test_id("stCaptionContainer").inner_text().replace("\u2060", "").strip()
+                 for cell in cells.all()]
+        assert len(names) == 8 and len(set(names)) == 8, names
+        endings = ["Enter", "click", "Tab", "Enter", "Enter", "click", "Tab", "Enter"]
+        for n, ending in enumerate(endings):
+            box = boxes.nth(n)
+            box.click()
+            box.press_sequentially(f"tag{n}", delay=20)
+            if ending == "click":
+                page.get_by_text("Label these", exact=True).click()
+            else:
+                box.press(ending)
+            page.wait_for_timeout(300)  # time for a rerun, were one triggered
+        page.wait_for_timeout(1000)
+        shown = [cell.get_by_test_id("stCaptionContainer").inner_text().replace("\u2060", "").strip()
+                 for cell in cells.all()]
+        assert shown == names  # the grid did not move while the labels were typed
+        assert [boxes.nth(n).input_value() for n in range(8)] == [f"tag{n}" for n in range(8)]
+        with Collection.open(labelling["collection"]) as opened:
+            assert opened.user_labels() == {}  # nothing stored before Save
+        page.get_by_role("button", name="Save labels").click()
+        expect(page.get_by_text("Saved 8 labels.")).to_be_visible(timeout=30_000)
+    finally:
+        page.close()
+    with Collection.open(labelling["collection"]) as opened:
+        assert opened.user_labels() == {name: f"tag{n}" for n, name in enumerate(names)}
+
+
+def test_the_per_class_table_fits_without_scrolling(server: str, browser: Any) -> None:
+    """At the default wide layout the Few labels page's per-class table shows all its columns."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    try:
+        page.goto(f"{server}/few_labels")
+        evaluate = page.get_by_role("button", name="Evaluate")
+        expect(evaluate).to_be_visible(timeout=60_000)
+        page.wait_for_timeout(1000)  # the first run settles before the click
+        evaluate.click()
+        heading = page.get_by_role("heading", name="Per class")
+        expect(heading).to_be_visible(timeout=60_000)
+        heading.scroll_into_view_if_needed()
+        table = page.get_by_test_id("stDataFrame").last
+        expect(table).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(500)
+        widths = table.locator(".dvn-scroller").evaluate("e => [e.scrollWidth, e.clientWidth]")
+    finally:
+        page.close()
+    assert widths[0] <= widths[1], f"the table scrolls sideways: {widths[0]} px of content in {widths[1]} px"
+
+
+def test_the_map_takes_the_page_width(server: str, browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    try:
+        page.goto(f"{server}/map")
+        chart = page.get_by_test_id("stPlotlyChart")
+        expect(chart).to_be_visible(timeout=60_000)
+        page.wait_for_timeout(500)
+        chart_width = chart.bounding_box()["width"]
+        main_width = page.get_by_test_id("stMainBlockContainer").bounding_box()["width"]
+        plot_width = chart.locator(".nsewdrag").first.bounding_box()["width"]  # the area the points use
+    finally:
+        page.close()
+    assert chart_width >= 0.85 * main_width, (chart_width, main_width)
+    assert plot_width >= 0.6 * main_width, (plot_width, main_width)

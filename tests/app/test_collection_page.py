@@ -4,6 +4,7 @@ updates started from the form, run for real as child processes."""
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
 import time
@@ -55,9 +56,14 @@ def _metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
 
 
-def _submit(at: AppTest, images: str, name: str = "") -> AppTest:
+def _submit(at: AppTest, images: str, name: str = "", model: Path | None = None) -> AppTest:
+    """Fill the form and press Build; ``model``: choose it in the list first (after the folder,
+    which preselects the model trained on it, or none)."""
     at.text_input(key="build_images").input(images)
     at.text_input(key="build_name").input(name)
+    if model is not None:
+        at.run()
+        at.selectbox(key="build_model").select(model)
     next(b for b in at.button if b.label == "Build").click().run()
     assert not at.exception, at.exception
     return at
@@ -89,7 +95,7 @@ def test_without_a_collection_only_the_form_is_shown(workdir: Path, monkeypatch:
     at = _page(None, monkeypatch, f"--workdir={workdir}", f"--data-root={tmp_path}")
     assert [t.value for t in at.title] == ["Collections"]
     assert not at.metric and not at.dataframe
-    assert at.selectbox(key="build_model").options == ["tiny.onnx"]
+    assert at.selectbox(key="build_model").options == ["tiny.onnx · trained on none (test fixture), 32 px"]
 
 
 def test_without_a_data_root_there_is_no_build_form(workdir: Path, monkeypatch: pytest.MonkeyPatch,
@@ -152,7 +158,8 @@ def test_a_build_from_the_form_runs_in_the_background_and_makes_a_collection(
         workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     images = make_images(tmp_path / "holiday", per_class=3)
     at = _page(None, monkeypatch, f"--workdir={workdir}", f"--data-root={tmp_path}")
-    _submit(at, "holiday", "holiday")  # relative to the data root
+    tiny = workdir / "models" / "tiny.onnx"
+    _submit(at, "holiday", "holiday", tiny)  # relative to the data root; a model not trained on it, chosen
     out = workdir / "indexes" / "holiday"
     job = jobs.get(builds.build_key(out))
     assert job is not None, "the form started no job"
@@ -177,7 +184,7 @@ def test_a_build_from_the_form_runs_in_the_background_and_makes_a_collection(
 def test_a_failed_build_shows_its_error_line(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "empty").mkdir()
     at = _page(None, monkeypatch, f"--workdir={workdir}", f"--data-root={tmp_path}")
-    _submit(at, str(tmp_path / "empty"), "nothing-here")
+    _submit(at, str(tmp_path / "empty"), "nothing-here", workdir / "models" / "tiny.onnx")
     job = jobs.get(builds.build_key(workdir / "indexes" / "nothing-here"))
     assert job is not None and job.wait(60)
     at.run()
@@ -235,3 +242,43 @@ def test_check_build_returns_absolute_paths_under_the_indexes_folder(tmp_path: P
     with pytest.raises(builds.FormError, match="--data-root"):
         builds.check_build(str(tmp_path / "pics"), "x", model, "auto", tmp_path / "indexes", [])
     assert builds.list_models(tmp_path) == [model]
+
+
+def test_the_form_preselects_the_model_trained_on_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The form never picks a model silently: the one trained on the folder is preselected and
+    named with what it was trained on; for a folder no model was trained on, none is selected
+    and the form asks the person to choose (issue 17 item 6)."""
+    workdir, data = tmp_path / "work", tmp_path / "data"
+    holiday = make_images(data / "holiday", per_class=2)
+    (data / "clothes").mkdir()
+    mine = make_model(workdir / "models" / "holiday.onnx",
+                      props={"moco.train_data": f"7 images in {holiday.resolve()}"})
+    stamp = mine.stat().st_mtime - 100
+    os.utime(mine, (stamp, stamp))  # older than the other model: the newest file is not what decides
+    make_model(workdir / "models" / "digits.onnx", image_size=16, props={"moco.train_data": "1797 images in /x/digits"})
+    at = _page(None, monkeypatch, f"--workdir={workdir}", f"--data-root={data}")
+    at.text_input(key="build_images").input("holiday").run()
+    picker = at.selectbox(key="build_model")
+    assert picker.value == mine
+    assert picker.options == ["digits.onnx · trained on 1797 images in /x/digits, 16 px",
+                              f"holiday.onnx · trained on 7 images in {holiday.resolve()}, 32 px"]
+    assert any("trained on this folder" in c.value and "holiday.onnx" in c.value for c in at.caption)
+    at.text_input(key="build_images").input("clothes").run()
+    assert at.selectbox(key="build_model").value is None  # nothing chosen for the person
+    assert any("No model was trained on" in w.value for w in at.warning)
+    next(b for b in at.button if b.label == "Build").click().run()
+    assert len(at.error) == 1 and "No model was trained on" in plain(at.error[0].value)
+    assert "collection_page_jobs" not in at.session_state
+    at.selectbox(key="build_model").select(workdir / "models" / "digits.onnx").run()  # the person's choice holds
+    assert at.selectbox(key="build_model").value == workdir / "models" / "digits.onnx"
+    assert any("chosen by you" in c.value for c in at.caption)
+
+
+def test_the_message_after_a_build_fits_how_the_app_was_started(tmp_path: Path) -> None:
+    key = builds.build_key(tmp_path / "indexes" / "new")
+    listed = builds.done_message(key, "Building new", 12.3, None)
+    assert "done in 12 s" in listed and "sidebar" in listed
+    fixed = builds.done_message(key, "Building new", 12.3, tmp_path / "old")
+    assert "sidebar" not in fixed and "--collection" in fixed and str((tmp_path / "indexes" / "new").resolve()) in fixed
+    updated = builds.done_message(builds.update_key(tmp_path / "old"), "Updating old", 3, tmp_path / "old")
+    assert "updated collection" in updated and "sidebar" not in updated

@@ -209,6 +209,39 @@ def test_typed_labels_are_saved_in_the_collection(collection_dir: Path, tmp_path
     assert "first (1)" in captions(again) and again.download_button
 
 
+def test_the_grid_holds_still_until_saved_and_each_label_lands_on_its_image(
+        collection_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17.7: labels changing under the grid (an import here; a save by Enter before) must
+    not move the images under the boxes, and every label typed is stored on its box's image."""
+    copy = copy_collection(collection_dir, tmp_path)
+    at = open_page(copy, monkeypatch, "Label interactively")
+    shown = suggested_paths(at, copy)
+    with Collection.open(copy) as opened:
+        other = next(it.path for it in opened.items if it.path not in shown)
+    at.file_uploader[0].set_value(("one.csv", f"path,label\n{other},imported\n".encode(), "text/csv")).run()
+    assert not at.exception, at.exception
+    assert suggested_paths(at, copy) == shown  # the labels changed, the grid did not
+
+    at.run()  # any other rerun keeps it too
+    assert suggested_paths(at, copy) == shown
+    for n, box in enumerate(at.text_input):
+        box.input(f"label-{n}")
+    button(at, "Save labels").click().run()
+    assert not at.exception, at.exception
+    with Collection.open(copy) as reopened:
+        assert reopened.user_labels() == {other: "imported", **{p: f"label-{n}" for n, p in enumerate(shown)}}
+    after = suggested_paths(at, copy)  # a save brings new images, none of those just labelled
+    assert after and not set(after) & set(shown) and other not in after
+    assert all(t.value == "" for t in at.text_input)
+
+
+def test_enter_in_a_label_box_does_not_submit(collection_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Enter in a box would save at once and bring the next grid under the person's cursor."""
+    at = open_page(collection_dir, monkeypatch, "Label interactively")
+    forms = at.get("form")
+    assert len(forms) == 1 and forms[0].proto.form.enter_to_submit is False
+
+
 def test_classification_table_filters_and_download(collection_dir: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     copy = copy_collection(collection_dir, tmp_path)
