@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from indexer.cli import DEVICES, OneLineParser, fraction, positive_int
+from indexer.cli import DEVICES, HelpFormatter, OneLineParser, fraction, positive_int
 
 EXAMPLES = """examples:
   python -m exports runs/flowers/checkpoint.pt -o models/flowers.onnx
@@ -33,7 +33,7 @@ def build_export_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint.pt or the run folder holding it")
     parser.add_argument("-o", "--output", required=True, help="model file to write, e.g. models/NAME.onnx "
-                        "(its folder must exist)")
+                        "(missing folders are created)")
     parser.add_argument("--head", action="store_true", help="embed with the projection head's output "
                         "instead of the backbone's pooled features")
     precision = parser.add_mutually_exclusive_group()
@@ -59,8 +59,10 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 
 def build_info_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m exports info", description="Print a model's metadata, input and "
-                           "output signature, file size, and the ONNX Runtime providers usable here.")
+    parser = OneLineParser(prog="python -m exports info", description="Print a model's metadata (what it was "
+                           "trained on included), input and output signature, file size, and the ONNX Runtime "
+                           "providers usable here.", epilog="example:\n  python -m exports info models/flowers.onnx",
+                           formatter_class=HelpFormatter)
     parser.add_argument("model", help="an .onnx file written by python -m exports")
     return parser
 
@@ -90,15 +92,48 @@ def run_export(argv: list[str]) -> int:
         opset=args.opset if args.opset is not None else DEFAULT_OPSET, device=args.device,
         verify=not args.no_verify, min_overlap=args.min_overlap,
         calibration_count=args.calibration_count, check_count=args.check_images)
+    made = _make_output_folder(options.output)
+    if isinstance(made, str):
+        print(f"python -m exports: error: {made}", file=sys.stderr)
+        return 2
+    done = False
     try:
         export_checkpoint(options)
+        done = True
     except ExportError as err:
         print(f"python -m exports: error: {err}", file=sys.stderr)
         return 2
     except VerificationFailed as err:
         print(f"python -m exports: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if not done and made is not None:
+            _remove_if_empty(made)
     return 0
+
+
+def _make_output_folder(output: Path) -> Path | None | str:
+    """Create the output's missing folders (``-o models/x.onnx`` on a fresh clone), as a download
+    tool would; returns the top folder created (removed again if the export fails), None when
+    nothing was missing, or the one-line reason it could not be created."""
+    parent = output.parent
+    missing = [p for p in (parent, *parent.parents) if not p.exists()]
+    if not missing:
+        return None
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot create the output folder {parent}: {err.strerror or err}"
+    return missing[-1]
+
+
+def _remove_if_empty(top: Path) -> None:
+    """Undo :func:`_make_output_folder` after a failed export: nothing written, nothing left."""
+    for folder in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:

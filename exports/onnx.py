@@ -102,12 +102,14 @@ class Source:
 
 
 def train_data_summary(data: dict[str, Any] | None) -> str:
-    """`moco.train_data`: the training folder's name and image count, e.g. 'flowers: 720 images'."""
+    """`moco.train_data`: '720 images in /data/flowers', the resolved training folder from the
+    checkpoint, so the indexer can tell which model was trained on the folder it indexes
+    (:mod:`indexer.models`); a folder's name alone would match any other folder of that name."""
     if not data:
         return "unknown"
-    root = Path(str(data.get("root", ""))).name or "unknown folder"
+    root = str(data.get("root", "")) or "an unknown folder"
     count = data.get("num_images")
-    return f"{root}: {count} images" if count is not None else root
+    return f"{count} images in {root}" if count is not None else root
 
 
 def _numbers(values: Any) -> str:

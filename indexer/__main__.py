@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from indexer.cli import DEVICES, OneLineParser, UsageError, positive_int, similarity
+from indexer.cli import DEVICES, HelpFormatter, OneLineParser, UsageError, positive_int, similarity
 
 EXAMPLES = """examples:
   python -m indexer build photos/ --model models/flowers.onnx       # -> indexes/photos
@@ -33,8 +33,9 @@ exit codes: 0 done; 1 no image could be indexed; 2 bad input
 
 
 def _writer_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help="ONNX model from 'python -m exports' (default: the newest "
-                   "models/*.onnx for build; the collection's own model for update)")
+    p.add_argument("--model", type=Path, help="ONNX model from 'python -m exports' (default for build: the newest "
+                   "models/*.onnx trained on IMAGE_DIR or a folder above it, else an error listing the "
+                   "candidates; for update: the collection's own model)")
     p.add_argument("--index", default="auto", help="auto (exact up to 20k items at D=512, then IVF tuned to "
                    "recall@10 >= 0.95), flat, hnsw, ivf, or a FAISS factory string such as 'IVF1024,SQ8'")
     p.add_argument("--device", default="auto", choices=DEVICES,
@@ -58,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="embed and index an image folder (incremental when the collection exists)",
                        description="Embed every image under IMAGE_DIR (recursively; label = first sub-folder) "
-                       "and write a collection. Bad files are recorded and skipped.")
+                       "and write a collection. Bad files are recorded and skipped. Without --model the model "
+                       "trained on IMAGE_DIR is used (the newest such models/*.onnx); the model used and what "
+                       "it was trained on are printed first.",
+                       epilog="example:\n  python -m indexer build photos/ --model models/photos.onnx --out "
+                       "indexes/photos", formatter_class=HelpFormatter)
     p.add_argument("image_dir", type=Path, help="folder of images")
     p.add_argument("--out", type=Path, help="collection folder (default indexes/<folder name>)")
     p.add_argument("--shard", help="embed only shard i of n (e.g. 0/4), or 'env' for RANK/WORLD_SIZE (torchrun) "
@@ -67,32 +72,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("update", help="embed new or changed files, drop deleted ones",
                        description="Bring a collection up to date with its image folder: new and changed "
-                       "files are embedded (size+mtime, then content hash), deleted ones removed.")
+                       "files are embedded (size+mtime, then content hash), deleted ones removed. The "
+                       "collection's own model is used unless --model (with --rebuild) replaces it.",
+                       epilog="example:\n  python -m indexer update indexes/photos",
+                       formatter_class=HelpFormatter)
     p.add_argument("collection", type=Path)
     _writer_options(p)
 
-    p = sub.add_parser("search", help="the most similar images to a query image")
+    p = sub.add_parser("search", help="the most similar images to a query image",
+                       description="Embed a query image with the collection's model and print the K most "
+                       "similar indexed images, best first, with their cosine similarity.",
+                       epilog="example:\n  python -m indexer search indexes/photos query.jpg -k 5 --json",
+                       formatter_class=HelpFormatter)
     p.add_argument("collection", type=Path)
     p.add_argument("query", type=Path, help="query image file")
     p.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {id, path, score, label}, best first")
     p.add_argument("--device", default="auto", choices=DEVICES)
 
-    p = sub.add_parser("info", help="what a collection holds: counts, model, index recipe, measured recall")
+    p = sub.add_parser("info", help="what a collection holds: counts, model, index recipe, measured recall",
+                       description="Describe a collection: its image folder, item and skipped counts, the "
+                       "model and what it was trained on, the index recipe with its measured recall, the map.",
+                       epilog="example:\n  python -m indexer info indexes/photos --json",
+                       formatter_class=HelpFormatter)
     p.add_argument("collection", type=Path)
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
-    p = sub.add_parser("eval", help="kNN, linear and few-label accuracy from the folder labels")
+    p = sub.add_parser("eval", help="kNN, linear and few-label accuracy from the folder labels",
+                       description="Measure how well the embeddings separate the labels (first-level "
+                       "sub-folders): weighted kNN, a linear classifier and 1% / 10% few-label accuracy on a "
+                       "fixed train/test split of the labelled items.",
+                       epilog="example:\n  python -m indexer eval indexes/photos",
+                       formatter_class=HelpFormatter)
     p.add_argument("collection", type=Path)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("dupes", help="groups of near-duplicate images")
+    p = sub.add_parser("dupes", help="groups of near-duplicate images",
+                       description="Print groups of images whose embeddings are more similar than the "
+                       "threshold, one group a line (a summary goes to stderr).",
+                       epilog="example:\n  python -m indexer dupes indexes/photos --threshold 0.97",
+                       formatter_class=HelpFormatter)
     p.add_argument("collection", type=Path)
     p.add_argument("--threshold", type=similarity, default=None, help="cosine similarity above which two "
                    "images are duplicates (default 0.95)")
     p.add_argument("--json", action="store_true", help="print a JSON list of groups of {id, path}")
 
-    p = sub.add_parser("merge", help="join part collections from 'build --shard' into one")
+    p = sub.add_parser("merge", help="join part collections from 'build --shard' into one",
+                       description="Join the part collections written by 'build --shard i/n' (same image "
+                       "folder, same model) into one collection with one index and one map.",
+                       epilog="example:\n  python -m indexer merge parts/p0 parts/p1 --out indexes/photos",
+                       formatter_class=HelpFormatter)
     p.add_argument("parts", type=Path, nargs="+", metavar="PART")
     p.add_argument("--out", type=Path, required=True, help="the merged collection")
     p.add_argument("--index", default="auto", help="index recipe, as for build")
@@ -115,6 +144,34 @@ def _print_summary(summary: Any, directory: Path) -> None:
         print(line)
 
 
+def _announce_model(image_dir: Path | None, out: Path, given: Path | None) -> Path | None:
+    """Choose the model as the writer will (the given one, the collection's own, or the one
+    trained on the folder: :func:`indexer.models.choose_model`) and print it with what it was
+    trained on, before any work, so a model is never used without a word."""
+    from indexer import models, store
+
+    manifest = out / store.MANIFEST
+    if given is not None:
+        path, how = given, "given with --model"
+    elif manifest.is_file():
+        try:
+            path, how = out / store.read_manifest(out)["model_file"], "the collection's own model"
+        except (store.CollectionError, KeyError, OSError):
+            return None  # the writer says what is wrong with the collection
+    else:
+        if image_dir is None:
+            return None
+        if not image_dir.is_dir():  # say so, not "no model was trained on" a folder that is not there
+            raise UsageError(f"image folder not found: {image_dir}")
+        path, how = models.choose_model(image_dir).path, "trained on this folder"
+    info = models.model_info(path)
+    note = how
+    if image_dir is not None and info.train_root is not None and not models.trained_on(info, image_dir):
+        note += f"; NOT trained on {image_dir}"
+    print(f"model       {info.describe()}, {note}", flush=True)
+    return path if given is None and not manifest.is_file() else given
+
+
 def run(args: argparse.Namespace) -> int:
     from indexer import ann, build, merge
     from indexer.collection import Collection
@@ -133,11 +190,13 @@ def run(args: argparse.Namespace) -> int:
         if out is None:
             name = args.image_dir.expanduser().resolve().name
             out = Path("indexes") / (f"{name}.part-{shard[0]}-of-{shard[1]}" if shard else name)
-        col = build.build(args.image_dir, out, model=args.model, rebuild=args.rebuild, shard=shard,
+        model = _announce_model(args.image_dir, out, args.model)
+        col = build.build(args.image_dir, out, model=model, rebuild=args.rebuild, shard=shard,
                           **_options(args))
         _print_summary(col.summary, out)
         return 0
     if args.command == "update":
+        _announce_model(None, args.collection, args.model)
         new = build.update(args.collection, model=args.model, rebuild=args.rebuild, **_options(args))
         _print_summary(new.summary, args.collection)
         return 0

@@ -29,8 +29,9 @@ import numpy as np
 
 from indexer import ann, files, store
 from indexer.collection import Collection, open_index, open_projection
-from indexer.embed import EmbeddingModel, ModelError, embed_files
+from indexer.embed import EmbeddingModel, embed_files
 from indexer.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageRef, scan_images
+from indexer.models import choose_model
 from indexer.projection import FIT_MAX, Projection, fit_projection
 from indexer.vectors import LiveVectors, open_part, write_part
 
@@ -98,14 +99,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def default_model(models_dir: Path = Path("models")) -> Path:
-    """The newest ``models/*.onnx``; the error says how to make one when there is none."""
-    candidates = sorted(models_dir.glob("*.onnx"), key=lambda p: p.stat().st_mtime) if models_dir.is_dir() else []
-    if not candidates:
-        raise ModelError(f"no --model given and no {models_dir}/*.onnx found; train and export one with "
-                         "'python -m moco train IMAGE_DIR --out runs/NAME' and "
-                         f"'python -m exports runs/NAME -o {models_dir}/NAME.onnx', or pass --model M.onnx")
-    return candidates[-1]
+def default_model(image_root: Path, models_dir: Path = Path("models")) -> Path:
+    """The model trained on ``image_root`` (:func:`indexer.models.choose_model`), never silently
+    the newest file: a model trained on other pictures embeds these badly without a word."""
+    return choose_model(image_root, models_dir).path
 
 
 def parse_shard(text: str | None, env: dict[str, str] | None = None) -> tuple[int, int] | None:
@@ -216,7 +213,7 @@ class _Writer:
                 opts.index = prev["index"]["spec"]
         assert image_root is not None
         if model_path is None:
-            model_path = d / prev["model_file"] if prev else default_model()
+            model_path = d / prev["model_file"] if prev else default_model(image_root)
             if prev and not model_path.is_file():
                 raise store.damaged(model_path, "is missing", "give the model with --model, or " + store.REBUILD_HINT)
         model = EmbeddingModel(model_path, device=opts.device, threads=opts.threads)

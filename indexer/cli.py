@@ -15,7 +15,8 @@ import argparse
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-__all__ = ["DEVICES", "OneLineParser", "UsageError", "fraction", "from_parser", "positive_int", "similarity"]
+__all__ = ["DEVICES", "HelpFormatter", "OneLineParser", "UsageError", "fraction", "from_parser", "positive_int",
+           "similarity"]
 
 T = TypeVar("T")
 
@@ -30,6 +31,16 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps a one-paragraph description to the terminal but keeps text with line breaks (the
+    examples of an epilog) as written; neither of argparse's own formatters does both."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class UsageError(Exception):

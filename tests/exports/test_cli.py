@@ -57,7 +57,7 @@ def folder_pixels(root: Path, limit: int = 10) -> np.ndarray:
 # -- the model ---------------------------------------------------------------------------------
 
 
-def test_model_signature_and_metadata(model_fp32, checkpoint):
+def test_model_signature_and_metadata(model_fp32, checkpoint, images):
     model = onnx.load(str(model_fp32))
     (inp,), (out,) = model.graph.input, model.graph.output
     assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
@@ -73,7 +73,7 @@ def test_model_signature_and_metadata(model_fp32, checkpoint):
     assert [float(v) for v in props["moco.mean"].split(",")] == pytest.approx([0.485, 0.456, 0.406])
     assert [float(v) for v in props["moco.std"].split(",")] == pytest.approx([0.229, 0.224, 0.225])
     assert props["moco.checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert props["moco.train_data"] == "train: 24 images"
+    assert props["moco.train_data"] == f"24 images in {images.resolve()}"  # the folder, so indexer can match it
     assert props["moco.format_version"] == "1"
 
 
@@ -178,7 +178,6 @@ def _truncated(tmp_path: Path, checkpoint: Path) -> Path:
     ("garbage", "damaged"),
     ("truncated", "damaged"),
     ("version", "format version 99"),
-    ("no-folder", "does not exist"),
     ("output-is-folder", "is a folder"),
     ("bad-calibration", "no such folder"),
     ("bad-opset", "--opset"),
@@ -198,8 +197,6 @@ def test_bad_input_is_one_line_exit_2(tmp_path, checkpoint, capsys, case, needle
         ckpt = _truncated(inputs, checkpoint)
     elif case == "version":
         ckpt = _wrong_version(inputs, checkpoint)
-    elif case == "no-folder":
-        out = out_dir / "missing" / "m.onnx"
     elif case == "output-is-folder":
         out = out_dir
     elif case == "bad-calibration":
@@ -307,7 +304,23 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 0
-    assert "usage: python -m exports" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: python -m exports" in out
+    description = out.split("\n\n")[1]  # the paragraph after the usage block says what it does
+    assert len(description.split()) >= 8 and not description.startswith(("positional", "options")), out
+    assert "example" in out and "python -m exports " in out
+
+
+def test_missing_output_folders_are_created(tmp_path, checkpoint, monkeypatch):
+    """`python -m exports CKPT -o models/x.onnx` on a fresh clone: models/ is made, as it is needed."""
+    monkeypatch.chdir(tmp_path)
+    assert main([str(checkpoint), "-o", "models/x.onnx", "--device", "cpu"]) == 0
+    assert (tmp_path / "models" / "x.onnx").is_file()
+    # A failed export leaves no folder behind either: nothing written means nothing.
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert main([str(garbage), "-o", str(tmp_path / "new" / "deep" / "m.onnx"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_usage_error_is_one_line(capsys):

@@ -23,7 +23,14 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"] if command else ["--help"])
     assert info.value.code == 0
-    assert "usage" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage" in out
+    # A description paragraph follows the usage block: the help says what the command does.
+    paragraphs = out.split("\n\n")
+    assert len(paragraphs) > 2 and not paragraphs[1].lstrip().startswith(("positional", "options")), out
+    assert len(paragraphs[1].split()) >= 8, paragraphs[1]
+    if command:
+        assert "example" in out and f"python -m indexer {command}" in out
 
 
 def test_bad_usage_is_one_line_exit_2(tmp_path, capsys, tiny_model, image_dir):
@@ -69,8 +76,13 @@ def test_default_model_error_says_how_to_make_one(tmp_path, capsys, image_dir, m
     assert main(["build", str(image_dir), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "python -m exports" in err and "--model" in err
-    make_model(tmp_path / "models" / "a.onnx")
-    assert main(["build", str(image_dir), "--device", "cpu", "--no-progress"]) == 0  # newest models/*.onnx
+    make_model(tmp_path / "models" / "a.onnx")  # trained on something else: never used silently
+    assert main(["build", str(image_dir), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model" in err and "models/a.onnx (trained on none (test fixture)" in err
+    make_model(tmp_path / "models" / "b.onnx", props={"moco.train_data": f"19 images in {image_dir.resolve()}"})
+    assert main(["build", str(image_dir), "--device", "cpu", "--no-progress"]) == 0
+    assert "models/b.onnx" in capsys.readouterr().out
     assert (tmp_path / "indexes" / "photos" / "manifest.json").is_file()
 
 
