@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from indexer.cli import OneLineParser, UsageError, from_parser
+from indexer.cli import HelpFormatter, OneLineParser, UsageError, from_parser
 from moco.config import ARCHS, PRESETS, ConfigError, TrainConfig, build_config, fit_to_data, validate
 from moco.pacer import format_duration, parse_duration, process_age
 
@@ -114,7 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train on a folder of images (labels not needed)",
                                 description="Train a MoCo model on any folder tree of images. Sub-folder "
-                                "names are used only as labels for monitoring.")
+                                "names are used only as labels for monitoring. The run folder gets "
+                                "checkpoint.pt (resumable), metrics.jsonl and, with --val, monitor.png.",
+                                epilog="examples:\n"
+                                "  python -m moco train photos/ --out runs/photos --time-budget 30m --val val/\n"
+                                "  python -m moco train photos/ --out runs/photos --epochs 100 --preset v3\n"
+                                "  python -m moco train --resume runs/photos --epochs 200",
+                                formatter_class=HelpFormatter)
     train.add_argument("data_dir", nargs="?", help="folder of images (jpg, png, webp, bmp, tif, gif)")
     train.add_argument("--out", help="run folder (default: runs/<folder name>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
@@ -134,10 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "values as they are: no adjustment of momentum, queue and warm-up to the run's length")
     train.add_argument("--val", help="labeled folder for the kNN monitor")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    train.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                       help="arithmetic of the encoders: bf16 autocast or fp32; auto (the default) picks bf16 on "
+                       "CUDA and on CPUs with AMX or AVX-512-BF16, fp32 elsewhere (with --resume: the run's own, "
+                       "unless given)")
     _add_hyper_parameters(train)
 
     evaluate = commands.add_parser("eval", help="kNN, linear-probe and few-label accuracy of a checkpoint",
-                                   description="Evaluate frozen backbone features with folder labels.")
+                                   description="Evaluate a checkpoint's frozen backbone features with folder "
+                                   "labels: weighted kNN, a linear probe and few-label accuracy, learned on "
+                                   "--train and scored on --val (all images, unlike the training monitor).",
+                                   epilog="example:\n  python -m moco eval runs/photos --train photos/ --val val/"
+                                   " --json", formatter_class=HelpFormatter)
     evaluate.add_argument("checkpoint", help="checkpoint.pt or its run folder")
     evaluate.add_argument("--train", required=True, help="labeled folder the classifiers learn from")
     evaluate.add_argument("--val", required=True, help="labeled folder they are scored on")
@@ -147,11 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "statistics are measured on --train images so it is not crippled)")
     evaluate.add_argument("--seeds", type=int, default=3, help="seeds for the few-label figures (default 3)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    evaluate.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                          help="arithmetic of feature extraction (default auto: bf16 where the hardware has it)")
     evaluate.add_argument("--workers", type=int, default=1, help="data loader workers")
 
     demo = commands.add_parser("demo-data", help="write the built-in demo set (scikit-learn digits)",
                                description="Write scikit-learn's 1,797 bundled handwritten digits as 32 px "
-                               "PNG files in one folder per class.")
+                               "PNG files in one folder per class.",
+                               epilog="example:\n  python -m moco demo-data data/digits && "
+                               "python -m moco train data/digits --time-budget 3m", formatter_class=HelpFormatter)
     demo.add_argument("out_dir", help="folder to write into")
     return parser
 
@@ -181,10 +199,16 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
         config = TrainConfig.from_dict(state["config"])
         if args.time_budget is not None:
             raise UsageError("--resume keeps to the run's stored plan; --time-budget cannot be given with it")
-        changed = {k: v for k, v in _given_hyper_parameters(args).items() if k not in ("epochs", "workers")}
+        changed = {k: v for k, v in _given_hyper_parameters(args).items()
+                   if k not in ("epochs", "workers", "precision")}
         if changed or args.data_dir:
-            raise UsageError("--resume continues a run as it was; only --epochs, --workers and --device "
-                             f"may be given (got {', '.join(changed) or 'DATA_DIR'})")
+            raise UsageError("--resume continues a run as it was; only --epochs, --workers, --precision and "
+                             f"--device may be given (got {', '.join(changed) or 'DATA_DIR'})")
+        if args.precision is not None and args.precision != config.precision:
+            # Weights, queue and optimizer state are float32 in either precision: switching is safe.
+            config.notes.append(f"precision {config.precision} -> {args.precision} on resume")
+            say(f"note: {config.notes[-1]}")
+            config.precision, config.precision_reason = args.precision, ""
         data_dir, val_dir = state["data"]["root"], state["data"].get("val")
         done = state["progress"]["epoch"]
         if args.workers is not None:
@@ -269,6 +293,14 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
               else f"{config.epochs} epochs")
     say(f"{'resuming' if state else 'training'} {config.preset} {config.arch} on {len(folder.refs)} images "
         f"from {data_dir} for {length} ({device.type}{processes}); run folder {run_dir}")
+    if config.precision == "auto" or not config.precision_reason:
+        from moco.precision import resolve_precision
+
+        config.precision, config.precision_reason = resolve_precision(config.precision, device,
+                                                                                  compiled=config.compile)
+        say(f"precision: {config.precision_reason}")
+    else:
+        say(f"precision: {config.precision}, kept from the checkpoint ({config.precision_reason})")
     say("configuration: " + json.dumps(config.to_dict(), sort_keys=True))
     distributed.init(world, device)
     try:
@@ -317,6 +349,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UsageError("--seeds must be at least 1")
     config = TrainConfig.from_dict(config_dict)
+    from moco.precision import choose_precision
+
+    print(f"precision of feature extraction: {choose_precision(args.precision, device)[1]}", file=sys.stderr)
     backbone = backbone.to(device)
     if args.random_init:
         torch.manual_seed(config.seed)
@@ -329,7 +364,7 @@ def run_eval(args: argparse.Namespace) -> int:
         results, failures = evaluate_backbone(
             backbone, train, val, image_size=config.image_size, mean=config.mean, std=config.std,
             device=device, workers=args.workers, seeds=tuple(range(args.seeds)),
-            knn_k=config.knn_k, knn_t=config.knn_t)
+            knn_k=config.knn_k, knn_t=config.knn_t, precision=args.precision)
     except ValueError as err:
         raise UsageError(str(err)) from None
     for failure in failures:

@@ -80,6 +80,8 @@ class TrainConfig:
     knn_t: float = 0.1
     log_every: int = 10  # steps between metric records
     channels_last: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast of the encoders); resolved at start, see moco.precision
+    precision_reason: str = ""  # why the run uses its precision (filled in at start)
     compile: bool = False  # torch.compile the training step (slow to start; pays off on long GPU runs)
     format_version: int = FORMAT_VERSION
     # Filled in by resolve(): facts about the data the run was made on.
@@ -185,6 +187,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--queue-start must be random or empty, got {config.queue_start!r}")
     if config.augment_on not in ("device", "workers"):
         raise ConfigError(f"--augment-on must be device or workers, got {config.augment_on!r}")
+    if config.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--precision must be auto, fp32 or bf16, got {config.precision!r}")
     if not 0.0 < config.crop_min_scale <= 1.0:
         raise ConfigError(f"--crop-min-scale must be in (0, 1], got {config.crop_min_scale}")
 

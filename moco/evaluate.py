@@ -18,6 +18,7 @@ from tqdm import tqdm
 from indexer import analysis
 from moco.augment import normalize_on_device
 from moco.data import EvalImages, Failure, ImageFolder, make_loader
+from moco.precision import autocast
 
 
 @dataclass
@@ -31,7 +32,9 @@ class Features:
 def extract_features(backbone: nn.Module, folder: ImageFolder, indices: np.ndarray, *, image_size: int,
                      mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
                      batch_size: int = 128, workers: int = 1, channels_last: bool = True,
-                     desc: str = "features") -> Features:
+                     precision: str = "auto", desc: str = "features") -> Features:
+    """L2-normalised float32 features; the backbone runs in `precision` (moco.precision: "auto"
+    is bf16 on CUDA and on AMX/AVX-512-BF16 CPUs), the normalisation in float32."""
     refs = [folder.refs[i] for i in indices]
     loader = make_loader(EvalImages(refs, image_size), workers=workers, batch_size=batch_size,
                          pin_memory=device.type == "cuda")
@@ -46,7 +49,7 @@ def extract_features(backbone: nn.Module, folder: ImageFolder, indices: np.ndarr
             continue
         images, positions = batch
         x = normalize_on_device(images.to(device, non_blocking=True), mean_t, std_t, channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             out = backbone(x)
         vectors.append(F.normalize(out.float(), dim=1).cpu().numpy())
         kept.append(indices[positions.numpy()])
@@ -100,10 +103,10 @@ class KnnMonitor:
 
     def __init__(self, train: ImageFolder, val: ImageFolder, *, image_size: int, mean, std,
                  device: torch.device, workers: int, k: int, temperature: float, max_images: int = 0,
-                 seed: int = 0, channels_last: bool = True) -> None:
+                 seed: int = 0, channels_last: bool = True, precision: str = "auto") -> None:
         self.train, self.val = train, val
         self.options = dict(image_size=image_size, mean=mean, std=std, device=device, workers=workers,
-                            channels_last=channels_last)
+                            channels_last=channels_last, precision=precision)
         self.k, self.temperature = k, temperature
         self.bank = subset(train.labeled, max_images, seed)
         self.queries = subset(val.labeled, max_images, seed + 1)
@@ -136,8 +139,9 @@ METRICS = (("knn_top1", "weighted kNN top-1"), ("linear_top1", "linear probe top
 
 def evaluate_backbone(backbone: nn.Module, train: ImageFolder, val: ImageFolder, *, image_size: int,
                       mean, std, device: torch.device, workers: int, seeds: tuple[int, ...],
-                      knn_k: int = 200, knn_t: float = 0.1) -> tuple[dict[str, float], list[Failure]]:
-    options = dict(image_size=image_size, mean=mean, std=std, device=device, workers=workers)
+                      knn_k: int = 200, knn_t: float = 0.1,
+                      precision: str = "auto") -> tuple[dict[str, float], list[Failure]]:
+    options = dict(image_size=image_size, mean=mean, std=std, device=device, workers=workers, precision=precision)
     train_f = extract_features(backbone, train, train.labeled, desc="train features", **options)
     val_f = extract_features(backbone, val, val.labeled, desc="val features", **options)
     if len(train_f.indices) == 0 or len(val_f.indices) == 0:

@@ -17,6 +17,7 @@ from torch import nn
 from moco import distributed
 from moco.backbones import WIDTHS, build_backbone, freeze_patch_projection
 from moco.config import TrainConfig, resolve_stem
+from moco.precision import autocast, full_precision
 
 
 def split_count(batch: int, max_splits: int) -> int:
@@ -137,6 +138,8 @@ class MoCo(nn.Module):
         self.in_batch_negatives = config.queue_size == 0
         self.batch_negatives = config.batch_negatives
         self.queue_starts_empty = config.queue_start == "empty"
+        # Autocast of the encoders' forward only ("fp32", "bf16", or "auto": decided per device).
+        self.precision = config.precision
         backbone = build_backbone(config.arch, stem=resolve_stem(config), image_size=config.image_size)
         if config.stop_grad_conv1:
             freeze_patch_projection(backbone)
@@ -208,20 +211,29 @@ class MoCo(nn.Module):
         mine = everything[perm[rank * n:(rank + 1) * n]]
         if images.is_contiguous(memory_format=torch.channels_last):
             mine = mine.contiguous(memory_format=torch.channels_last)
-        encoded = distributed.gather(F.normalize(self.encoder_k(mine).float(), dim=1))
+        with autocast(images.device, self.precision):
+            encoded = self.encoder_k(mine)
+        encoded = distributed.gather(F.normalize(encoded.float(), dim=1))
         restored = torch.empty_like(encoded)
         restored[perm] = encoded
         return restored[rank * n:(rank + 1) * n] if world > 1 else restored
 
     def queries(self, images: torch.Tensor) -> torch.Tensor:
-        q = self.encoder_q(images)
-        if self.predictor is not None:
-            q = self.predictor(q)
+        """L2-normalised float32 queries; the encoder (and v3's predictor) run in the run's precision."""
+        with autocast(images.device, self.precision):
+            q = self.encoder_q(images)
+            if self.predictor is not None:
+                q = self.predictor(q)
         return F.normalize(q.float(), dim=1)
 
     def info_nce(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the positive among 1 + K logits; with batch negatives among the batch's
-        keys and the queue's (the positive is the key of the same image); v3: the batch's keys only."""
+        keys and the queue's (the positive is the key of the same image); v3: the batch's keys only.
+        Always float32, even inside a caller's autocast: a bf16 logit keeps only 3 significant digits."""
+        with full_precision(q.device):
+            return self._info_nce(q.float(), k.float())
+
+    def _info_nce(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         if self.in_batch_negatives:
             rank, _ = distributed.rank_and_size()
             logits = q @ distributed.gather(k).T / self.temperature  # negatives from every rank

@@ -34,6 +34,7 @@ from moco.evaluate import KnnMonitor
 from moco.model import MoCo
 from moco.optim import build_optimizer
 from moco.pacer import Pacer, Plan, Replan, format_duration
+from moco.precision import resolve_precision
 from moco.runlog import MetricsLog, Progress, StopFlag, TrainingDiverged, TrainingStopped, tidy_run_dir
 
 
@@ -57,7 +58,11 @@ class Trainer:
         random.seed(config.seed)
         np.random.seed(config.seed)
 
-        # -- the model and its optimizer
+        # -- the model and its optimizer; the encoders' forward in the run's precision (stored in
+        # the config, so a resumed run keeps it; `python -m moco` has resolved and printed it)
+        if config.precision == "auto" or not config.precision_reason:
+            config.precision, config.precision_reason = resolve_precision(config.precision, device,
+                                                                                  compiled=config.compile)
         self.model = MoCo(config).to(device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -110,7 +115,7 @@ class Trainer:
                                       std=config.std, device=device, workers=config.workers,
                                       k=config.knn_k, temperature=config.knn_t,
                                       max_images=config.knn_max_images, seed=config.seed,
-                                      channels_last=config.channels_last)
+                                      channels_last=config.channels_last, precision=config.precision)
             if self.monitor.capped and world.is_main:
                 tqdm.write(f"kNN monitor: {self.monitor.describe()} (--knn-max-images "
                            f"{config.knn_max_images}; 0 uses all)")
@@ -238,8 +243,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x1, x2 = self.views(batch, self.progress.epoch, self.progress.batch_in_epoch)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss = self.forward(x1, x2, plan.momentum(step, config))
+        loss = self.forward(x1, x2, plan.momentum(step, config))  # autocasts its encoders (moco.model)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

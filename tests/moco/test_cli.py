@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from moco.__main__ import main
 from moco.checkpoint import load_checkpoint, save_checkpoint
 from tests.moco.conftest import make_image_folder
 
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--image-size", "32", "--stem", "imagenet", "--workers", "0", "--no-channels-last"]
 
 
@@ -200,4 +204,23 @@ def test_every_command_has_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(command)
         assert exit_info.value.code == 0
-    assert "demo-data" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        description = out.split("\n\n")[1]  # the paragraph after the usage block says what it does
+        assert len(description.split()) >= 8 and not description.startswith(("positional", "options")), out
+        if command[0] != "--help":
+            assert f"python -m moco {command[0]}" in out.split("\n\n")[-1], out  # an example closes the help
+        else:
+            assert "demo-data" in out
+
+
+def test_training_output_has_no_raw_library_warnings(tmp_path):
+    """What a new user reads: the trainer's own lines and progress, not a library's UserWarning
+    or DeprecationWarning (shown here with -W default, which Python hides outside __main__)."""
+    train = make_image_folder(tmp_path / "train", per_class=6, seed=0)
+    done = subprocess.run([sys.executable, "-W", "default", "-m", "moco", "train", str(train), "--out",
+                           str(tmp_path / "run"), *FAST, "--epochs", "1", "--batch-size", "8", "--val", str(train)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    noisy = [line for line in (done.stderr + done.stdout).splitlines() if "Warning:" in line]
+    assert noisy == [], noisy

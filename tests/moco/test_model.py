@@ -12,7 +12,8 @@ from moco.model import MoCo, SplitBatchNorm, split_count, use_split_batchnorm
 
 
 def tiny_moco(**overrides) -> MoCo:
-    values = dict(arch="resnet18", image_size=32, queue_size=10, dim=8, bn_splits=2)
+    # fp32: these tests check the algorithm to float32 rounding on any CPU (bf16: test_precision.py)
+    values = dict(arch="resnet18", image_size=32, queue_size=10, dim=8, bn_splits=2, precision="fp32")
     values.update(overrides)
     torch.manual_seed(0)
     return MoCo(build_config(values))

@@ -149,8 +149,8 @@ def test_a_signal_writes_a_checkpoint_and_the_run_resumes(image_folder, tmp_path
 def test_compile_trains_and_checkpoints_like_the_eager_step(image_folder, tmp_path):
     # torch.compile (inductor, C++ on this CPU; about two minutes here) wraps only the step's
     # forward: the checkpoint keeps the plain module's keys, so it resumes, exports and evaluates
-    # like any other.
-    args = [*FAST, "--epochs", "1"]
+    # like any other. Both in fp32: like for like (auto avoids bf16 under compile on a CPU, see moco.precision).
+    args = [*FAST, "--epochs", "1", "--precision", "fp32"]
     assert main(["train", str(image_folder), "--out", str(tmp_path / "eager"), *args]) == 0
     assert main(["train", str(image_folder), "--out", str(tmp_path / "compiled"), *args, "--compile"]) == 0
     eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")

@@ -1,0 +1,170 @@
+"""--precision: bf16 autocast only where the hardware has it, only around the encoders; the choice is
+printed, stored in the checkpoint and kept on resume."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from moco import precision
+from moco.__main__ import main
+from moco.checkpoint import load_checkpoint
+from moco.config import build_config
+from moco.model import MoCo
+
+CPU = torch.device("cpu")
+FAST = ["--image-size", "32", "--stem", "imagenet", "--batch-size", "8", "--workers", "0", "--log-every", "1",
+        "--seed", "1", "--no-channels-last", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_on_a_cpu_follows_the_capability_check(monkeypatch, fast):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(precision, "CPU_BF16_BY_DEFAULT", True)
+    dtype, reason = precision.choose_precision("auto", CPU)
+    assert dtype == (torch.bfloat16 if fast else None)
+    assert ("AMX" in reason) and reason.startswith("bf16" if fast else "fp32")
+
+
+def test_auto_on_a_bf16_cpu_stays_fp32_until_bf16_is_the_verified_default(monkeypatch):
+    """Shipped today: the option exists, the default waits for the accuracy runs; the reason says so."""
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert not precision.CPU_BF16_BY_DEFAULT
+    dtype, reason = precision.choose_precision("auto", CPU)
+    assert dtype is None and reason.startswith("fp32") and "--precision bf16" in reason
+    assert precision.choose_precision("bf16", CPU)[0] == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_cuda_follows_the_gpu_check(monkeypatch, native):
+    monkeypatch.setattr(precision, "cuda_has_fast_bf16", lambda device: native)
+    assert precision.choose_precision("auto", torch.device("cuda"))[0] == (torch.bfloat16 if native else None)
+
+
+def test_auto_avoids_bf16_under_torch_compile_on_a_cpu(monkeypatch):
+    # the inductor-compiled step under bf16 autocast gave a NaN first loss on an AMX CPU (torch 2.14)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    dtype, reason = precision.choose_precision("auto", CPU, compiled=True)
+    assert dtype is None and "torch.compile" in reason
+    assert precision.choose_precision("bf16", CPU, compiled=True)[0] == torch.bfloat16  # as asked
+
+
+def test_forced_choices_ignore_the_hardware_and_bad_words_are_refused(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert precision.choose_precision("bf16", CPU)[0] == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert precision.choose_precision("fp32", CPU)[0] is None
+    with pytest.raises(ValueError, match="--precision"):
+        precision.choose_precision("fp16", CPU)
+
+
+def test_the_real_capability_check_answers_a_bool():
+    assert isinstance(precision.cpu_has_fast_bf16(), bool)
+
+
+def tiny(precision_name: str) -> MoCo:
+    torch.manual_seed(0)
+    return MoCo(build_config(dict(arch="resnet18", image_size=32, queue_size=16, dim=8, bn_splits=2,
+                                  precision=precision_name)))
+
+
+def test_bf16_runs_the_encoders_in_bf16_and_keeps_loss_queue_and_embeddings_float32():
+    model = tiny("bf16")
+    seen = []
+    model.encoder_q.backbone.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    loss = model(x1, x2, 0.99)
+    assert seen == [torch.bfloat16]  # autocast did reach the encoder
+    assert loss.dtype == torch.float32 and model.queue.dtype == torch.float32
+    assert model.queries(x1).dtype == torch.float32 and model.keys(x2).dtype == torch.float32
+    loss.backward()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.encoder_q.parameters() if p.grad is not None)
+    assert all(p.dtype == torch.float32 for p in model.encoder_k.parameters())  # the momentum update's
+
+
+def test_the_loss_stays_float32_inside_a_callers_autocast():
+    model = tiny("fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), 0.99)
+    assert loss.dtype == torch.float32
+
+
+def test_a_bf16_step_loss_is_close_to_the_fp32_one():
+    fp32 = tiny("fp32")
+    bf16 = copy.deepcopy(fp32)
+    bf16.precision = "bf16"
+    torch.manual_seed(1)
+    x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    exact, rounded = fp32(x1, x2, 0.99), bf16(x1, x2, 0.99)
+    assert rounded.item() != exact.item()  # bf16 did round something
+    assert rounded.item() == pytest.approx(exact.item(), rel=2e-2)
+    # the same keys went into the queue, to bf16 rounding: each newest column points the same way
+    cosines = (bf16.queue[:, :8] * fp32.queue[:, :8]).sum(dim=0)
+    assert cosines.min() > 0.98, cosines
+
+
+def trained(tmp_path, *extra: str, name: str = "run"):
+    run = tmp_path / name
+    from tests.moco.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data")
+    assert main(["train", str(data), "--out", str(run), *FAST, *extra]) == 0
+    return run
+
+
+def test_the_choice_is_printed_stored_and_kept_on_resume(tmp_path, capsys):
+    run = trained(tmp_path, "--precision", "bf16")
+    assert "precision: bf16 as asked" in capsys.readouterr().out
+    config = load_checkpoint(run)["config"]
+    assert (config["precision"], config["precision_reason"]) == ("bf16", "bf16 as asked")
+
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert "precision: bf16, kept from the checkpoint" in capsys.readouterr().out
+    assert load_checkpoint(run)["config"]["precision"] == "bf16"
+
+    # asked for another precision on resume: allowed (the weights are float32 either way), and noted
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--precision", "fp32"]) == 0
+    assert "note: precision bf16 -> fp32 on resume" in capsys.readouterr().out
+    config = load_checkpoint(run)["config"]
+    assert config["precision"] == "fp32" and "precision bf16 -> fp32 on resume" in config["notes"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_is_resolved_from_the_machine_and_stored(tmp_path, monkeypatch, capsys, fast):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(precision, "CPU_BF16_BY_DEFAULT", True)
+    run = trained(tmp_path)
+    word = "bf16" if fast else "fp32"
+    assert f"precision: {word}: this CPU" in capsys.readouterr().out
+    config = load_checkpoint(run)["config"]
+    assert config["precision"] == word and "AMX" in config["precision_reason"]
+
+
+def test_a_bad_precision_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(tmp_path), "--precision", "fp16"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--precision" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bf16_features_are_float32_and_close_to_fp32(tmp_path):
+    from moco.backbones import build_backbone
+    from moco.data import open_folder
+    from moco.evaluate import extract_features
+    from tests.moco.conftest import make_image_folder
+
+    folder = open_folder(make_image_folder(tmp_path / "data", per_class=4))
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", image_size=32)
+    options = dict(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device=CPU, workers=0,
+                   channels_last=True)
+    exact = extract_features(net, folder, folder.labeled, precision="fp32", **options).vectors
+    rounded = extract_features(net, folder, folder.labeled, precision="bf16", **options).vectors
+    assert exact.dtype == rounded.dtype == np.float32
+    assert not np.array_equal(exact, rounded)
+    assert (exact * rounded).sum(axis=1).min() > 0.99  # cosine of each image's two features
