@@ -270,6 +270,8 @@ def check_output_path(output: Path) -> None:
     parent = output.parent
     if output.is_dir():
         raise ExportError(f"{output} is a folder; give a file name such as {output / 'model.onnx'}")
+    if parent.exists() and not parent.is_dir():
+        raise ExportError(f"{parent} is not a folder, so {output.name} cannot be written inside it")
     if not parent.is_dir():
         raise ExportError(f"output folder {parent} does not exist (create it first)")
     if not os.access(parent, os.W_OK | os.X_OK):

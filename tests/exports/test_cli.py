@@ -179,6 +179,7 @@ def _truncated(tmp_path: Path, checkpoint: Path) -> Path:
     ("truncated", "damaged"),
     ("version", "format version 99"),
     ("output-is-folder", "is a folder"),
+    ("output-under-a-file", "is not a folder"),
     ("bad-calibration", "no such folder"),
     ("bad-opset", "--opset"),
 ])
@@ -199,6 +200,10 @@ def test_bad_input_is_one_line_exit_2(tmp_path, checkpoint, capsys, case, needle
         ckpt = _wrong_version(inputs, checkpoint)
     elif case == "output-is-folder":
         out = out_dir
+    elif case == "output-under-a-file":
+        in_the_way = inputs / "a-file"
+        in_the_way.write_text("not a folder")
+        out = in_the_way / "m.onnx"
     elif case == "bad-calibration":
         extra = ["--fp16", "--calibration", str(inputs / "nope")]
     elif case == "bad-opset":
