@@ -21,7 +21,6 @@ import argparse
 import copy
 import hashlib
 import json
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.machine import cpu_name  # noqa: E402
 from exports import samples, verify  # noqa: E402
 from exports.onnx import ImagesToEmbeddings, export_graph, load_source, torch_embed  # noqa: E402
 from exports.quantize import quantize_int8  # noqa: E402
@@ -50,16 +49,6 @@ INT8_VARIANTS = {  # name -> quantize_int8 keyword arguments
     "int8-qop": dict(variant="qoperator"),
     "int8-dyn": dict(variant="dynamic"),
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def timed_rounds(runners: dict[str, Callable[[], object]], rounds: int, seconds: float,

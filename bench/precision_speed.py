@@ -12,7 +12,6 @@ machine hits both alike. Says whether `--precision auto` is right to pick bf16 o
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -21,23 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.machine import cpu_name  # noqa: E402
 from moco.config import build_config  # noqa: E402
 from moco.defaults import fit_recipe  # noqa: E402
 from moco.model import MoCo  # noqa: E402
 from moco.optim import build_optimizer  # noqa: E402
 from moco.precision import choose_precision  # noqa: E402
-
-
-def cpu_model() -> str:
-    """lscpu's 'Model name' (from /proc/cpuinfo), for the record beside the figures."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def build(precision: str, arch: str, size: int, batch: int, device: torch.device):
@@ -79,7 +67,7 @@ def main() -> int:
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     flags = " ".join(name for name in ("avx2", "avx512_f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
                      if caps.get(name))
-    print(f"{cpu_model()}; {torch.get_num_threads()} threads; torch {torch.__version__}; flags: {flags}")
+    print(f"{cpu_name()}; {torch.get_num_threads()} threads; torch {torch.__version__}; flags: {flags}")
     print(f"--precision auto here: {choose_precision('auto', device)[1]}")
     print(f"{args.arch} @ {args.image_size}px, batch {args.batch_size}, channels-last, model only "
           f"({args.rounds} rounds x {args.steps} steps each, alternating)", flush=True)
