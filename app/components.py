@@ -1,4 +1,5 @@
-"""Drawing blocks shared by pages: thumbnail grids whose images can be clicked into the query."""
+"""Drawing blocks shared by pages: thumbnail grids whose images can be clicked into the query, job
+progress, and the banner that says how good the collection's model measured itself to be."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import streamlit as st
 from app import markup
 from app.jobs import Job
 from indexer.collection import Collection
+from indexer.quality import ModelQuality
 
 STAGE_ICONS = {"pending": ":material/schedule:", "running": ":material/sync:",
                "done": ":green[:material/check_circle:]", "skipped": ":green[:material/check_circle:]",
@@ -55,3 +57,40 @@ def job_stages(job: Job) -> None:
         st.markdown(f"{STAGE_ICONS[stage.status]} {markup.md(stage.label)}{timing}")
         if stage.status == "running":  # the child's own output line, which may name any file
             st.progress(stage.fraction or 0.0, text=markup.md(stage.line[-160:]) if stage.line else "starting…")
+
+
+QUALITY_NOTE = "quality_note"
+"""Session key of a page's extra word about a collection's quality (the demo page leaves one)."""
+
+
+def add_quality_note(directory: str, text: str) -> None:
+    """Have the quality banner of ``directory`` (resolved) say ``text`` (markdown) too, this session."""
+    st.session_state[QUALITY_NOTE] = (directory, text)
+
+
+def quality_text(measured: ModelQuality) -> tuple[str, str]:
+    """The banner's kind ("warning", "caption" or "info") and its markdown, from the model's record."""
+    summary = markup.md(measured.summary())
+    if measured.doubtful:
+        return "warning", (
+            f"**Careful: {markup.md(measured.doubt())}.** " + summary + ". Its neighbours, map "
+            "and few-label results are what an untrained network gives, so they say little about what training "
+            "on these images could do: train longer (or check the recipe) before relying on them.")
+    if measured.measured:
+        monitor = f" (monitor: {markup.md(measured.monitor)})" if measured.monitor else ""
+        return "caption", f"Model quality at training time: {summary}{monitor}."
+    return "info", (f"Model quality not measured: {markup.md(measured.reason)}. Nothing records whether this model "
+                    "embeds better than a random network; train with `--val DIR` to have it measured.")
+
+
+def quality_banner(collection: Collection) -> ModelQuality:
+    """Every page that shows a collection opens with this: a warning when its model is no better
+    than its random start, a short caption of the trainer's numbers otherwise, a note when
+    nothing was measured. Returns the record, for pages that show more of it."""
+    measured = collection.quality
+    kind, text = quality_text(measured)
+    note = st.session_state.get(QUALITY_NOTE)
+    if note is not None and note[0] == str(collection.directory.resolve()):
+        text += "  \n" + note[1]
+    {"warning": st.warning, "caption": st.caption, "info": st.info}[kind](text)
+    return measured

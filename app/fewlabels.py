@@ -29,10 +29,11 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import state
-from indexer import fewlabel
+from app import markup, state
+from indexer import fewlabel, selection
 from indexer.collection import Collection
 from indexer.fewlabel import CurvePoint, FewLabelRun, LabelBudget, has_label
+from indexer.quality import ModelQuality
 
 CLASSIFIER_NAMES = {"knn": "weighted kNN", "logreg": "logistic regression", "label_propagation": "label propagation"}
 INTERACTIVE_CLASSIFIERS = ("knn", "logreg")  # label propagation needs a graph per change: too slow to click through
@@ -163,6 +164,42 @@ def curve(_collection: Collection, directory: str, generation: int, classifiers:
         classifiers=classifiers, seeds=tuple(range(n_seeds)))  # type: ignore[arg-type]
 
 
+SELECTION_MAX_ITEMS = 5000
+"""The labelling replay runs on a seeded sample of at most this many labelled images: each of its
+rounds refits k-means and a classifier, and the comparison of strategies needs no more."""
+SELECTION_ROUNDS = (1, 2, 5, 10)
+STRATEGY_NAMES = {"random": "random picks", "kmeans": "k-means centres", "active": "active (uncertainty + diversity)"}
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def selection_comparison(_collection: Collection, directory: str, generation: int,
+                         n_seeds: int) -> list[selection.RoundResult]:
+    """Accuracy after 1, 2, 5 and 10 labels per class for each way of choosing what to label
+    (:func:`indexer.selection.selection_curve`), replayed on the folder labels."""
+    labels = folder_labels(state.item_table(_collection).frame)
+    rows, y = labels.rows, labels.y
+    if rows.size > SELECTION_MAX_ITEMS:
+        keep = np.sort(np.random.default_rng(0).choice(rows.size, SELECTION_MAX_ITEMS, replace=False))
+        rows, y = rows[keep], y[keep]
+    rounds = tuple(r for r in SELECTION_ROUNDS if r * len(labels.classes) < rows.size)
+    return selection.selection_curve(_collection.vectors[rows], y, rounds=rounds or (1,),
+                                     seeds=tuple(range(n_seeds)))
+
+
+def selection_figure(results: Sequence[selection.RoundResult]) -> go.Figure:
+    """Accuracy versus labels per class, one line per strategy, error bars one std over seeds."""
+    frame = pd.DataFrame({
+        "strategy": [STRATEGY_NAMES.get(r.strategy, r.strategy) for r in results],
+        "labels per class": [r.labels_per_class for r in results],
+        "accuracy": [r.mean for r in results],
+        "std": [r.std for r in results],
+    })
+    fig = px.line(frame, x="labels per class", y="accuracy", color="strategy", error_y="std", markers=True)
+    fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    fig.update_layout(margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"orientation": "h", "y": 1.1})
+    return fig
+
+
 def per_class_table(evaluation: Evaluation) -> pd.DataFrame:
     """Accuracy of each class and the class it is most often mistaken for."""
     cm = evaluation.confusion
@@ -175,6 +212,48 @@ def per_class_table(evaluation: Evaluation) -> pd.DataFrame:
         "accuracy": fewlabel.per_class_accuracy(cm),
         "most often taken for": confused,
     })
+
+
+@dataclass(frozen=True)
+class TrainingBaseline:
+    """The random-network baseline the trainer measured, to show beside the page's accuracy.
+
+    It is the trainer's kNN monitor on its own validation images, not this page's few-label
+    accuracy on these folders: the two are different measures, so the page shows the monitor's
+    random start against its shipped model (both measured the same way), never against the
+    page's number."""
+
+    random_start: float | None
+    shipped: float | None
+    caption: str  # markdown
+
+    @property
+    def gain(self) -> float | None:
+        """Shipped minus random start, in the monitor's units (fractions)."""
+        if self.random_start is None or self.shipped is None:
+            return None
+        return self.shipped - self.random_start
+
+
+def training_baseline(measured: ModelQuality) -> TrainingBaseline:
+    """What the Few labels page says about the random-network baseline of its model."""
+    if not measured.measured or measured.start is None or measured.shipped_score is None:
+        why = markup.md(measured.reason) if not measured.measured else "the trainer's record lacks the numbers"
+        return TrainingBaseline(None, None, f"No random-network baseline was measured for this model ({why}), so "
+                                "nothing says how much of the accuracy above training added.")
+    start, shipped = measured.start, measured.shipped_score
+    final = (f"; its final step scored {measured.end:.1%}"
+             if measured.shipped != "final" and measured.end is not None else "")
+    monitor = f" ({markup.md(measured.monitor)})" if measured.monitor else ""
+    text = (f"Baseline measured at training time, not by this page: the trainer's {markup.md(measured.metric_name)} "
+            f"monitor on its validation images{monitor} gave the random network **{start:.1%}** and the shipped "
+            f"model ({markup.md(measured.shipped or '?')}) **{shipped:.1%}**{final}. ")
+    if measured.doubtful:
+        text += ("Training did not beat the random start: the accuracy above is about what an untrained network "
+                 "gives, not what training added.")
+    else:
+        text += "The accuracy above is this page's own measure, so compare it with neither number directly."
+    return TrainingBaseline(start, shipped, text)
 
 
 @dataclass(frozen=True)
@@ -240,10 +319,15 @@ def confusion_figure(confusion: npt.ArrayLike, classes: Sequence[str]) -> go.Fig
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def suggestions(_collection: Collection, directory: str, generation: int, n: int, seed: int,
-                labelled_rows: tuple[int, ...]) -> list[int]:
-    """Item ids worth labelling next (see :func:`indexer.fewlabel.suggest_to_label`)."""
-    rows = fewlabel.suggest_to_label(_collection.vectors, n, exclude=np.array(labelled_rows, np.int64), seed=seed)
-    return [int(i) for i in np.asarray(_collection.ids)[rows]]
+                labelled: tuple[tuple[int, str], ...]) -> list[int]:
+    """Item ids worth labelling next, given the (row, label) pairs so far: k-means centres first,
+    then, once two labels or more exist, the classifier's least certain images spread over the
+    collection (:func:`indexer.selection.active_suggestions`)."""
+    rows = np.array([r for r, _ in labelled], dtype=np.int64)
+    names = sorted({name for _, name in labelled})
+    classes = np.array([names.index(name) for _, name in labelled], dtype=np.int64)
+    picked = selection.active_suggestions(_collection.vectors, rows, classes, n, seed=seed)
+    return [int(i) for i in np.asarray(_collection.ids)[picked]]
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

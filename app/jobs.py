@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from indexer.threads import child_environment
+
 __all__ = ["Job", "Stage", "StageState", "get", "python_module", "start"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +140,8 @@ class Job:
     def _run_stage(self, stage: Stage, state: StageState) -> int:
         # The children are this project's own commands: make them importable from any cwd.
         path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+        # passive OpenMP waiting in the children (indexer.threads): they share the cores with the app
+        env = child_environment({**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
         self.log.append("$ " + " ".join(map(str, stage.argv)))
         process = subprocess.Popen(list(map(str, stage.argv)), cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

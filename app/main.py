@@ -70,5 +70,6 @@ else:
     pages = [st.Page(VIEWS / "neighbours.py", title="Neighbours", icon=":material/image_search:", default=True),
              st.Page(VIEWS / "map.py", title="Map", icon=":material/scatter_plot:"),
              st.Page(VIEWS / "few_labels.py", title="Few labels", icon=":material/label:"),
+             st.Page(VIEWS / "curate.py", title="Curate", icon=":material/rule:"),
              st.Page(VIEWS / "collection.py", title="Collection", icon=":material/folder_open:")]
 st.navigation(pages).run()

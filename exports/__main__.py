@@ -1,6 +1,7 @@
 """Command line: `python -m exports CHECKPOINT -o OUT.onnx [...]` and `python -m exports info MODEL.onnx`.
 
-Exit codes: 0 done; 1 the model was built but failed verification (nothing written); 2 bad
+Exit codes: 0 done; 1 the model was built but failed verification (nothing written; with
+--with-int8, a verified fp32 model is written and only its int8 sibling refused); 2 bad
 input (checkpoint, paths, options), printed as one line without a traceback. Heavy imports
 (torch, onnxruntime) happen after parsing, so --help answers at once.
 """
@@ -11,15 +12,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from indexer.cli import DEVICES, HelpFormatter, OneLineParser, fraction, positive_int
+from indexer.threads import configure_process
+
+configure_process()  # passive OpenMP waiting, before torch / onnxruntime load (indexer.threads)
+
+from indexer.cli import DEVICES, HelpFormatter, OneLineParser, fraction, positive_int  # noqa: E402
 
 EXAMPLES = """examples:
   python -m exports runs/flowers/checkpoint.pt -o models/flowers.onnx
+  python -m exports runs/flowers -o models/flowers.onnx --with-int8   # + models/flowers-int8.onnx
   python -m exports runs/flowers -o models/flowers-int8.onnx --int8 --calibration photos/
   python -m exports runs/flowers -o models/flowers-fp16.onnx --fp16 --calibration photos/
   python -m exports info models/flowers.onnx
 
-exit codes: 0 written; 1 verification failed, nothing written; 2 bad input
+exit codes: 0 written; 1 verification failed, nothing written (--with-int8: the fp32 model
+only); 2 bad input
 """
 
 
@@ -39,10 +46,13 @@ def build_export_parser() -> argparse.ArgumentParser:
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="half-precision model (for GPUs; half "
                            "the file size)")
-    precision.add_argument("--int8", action="store_true", help="int8 model, calibrated on --calibration")
+    precision.add_argument("--int8", action="store_true", help="int8 model only, calibrated on --calibration")
+    precision.add_argument("--with-int8", action="store_true", help="write the fp32 model and, beside it, "
+                           "its verified int8 sibling NAME-int8.onnx, which 'python -m indexer build' uses "
+                           "on CPUs with VNNI/AMX (about 2x faster indexing)")
     parser.add_argument("--calibration", type=Path, metavar="IMAGE_DIR", help="images like the ones you "
-                        "will index: int8 calibration, and the fp16/int8 neighbour check (required "
-                        "with --int8)")
+                        "will index: int8 calibration, and the fp16/int8 neighbour check (default for "
+                        "int8: the training folder recorded in the checkpoint)")
     parser.add_argument("--verify-images", type=Path, metavar="DIR", help="real images for the fp32 "
                         "parity check (default: --calibration, else generated images)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
@@ -91,7 +101,7 @@ def run_export(argv: list[str]) -> int:
         calibration=args.calibration, verify_images=args.verify_images,
         opset=args.opset if args.opset is not None else DEFAULT_OPSET, device=args.device,
         verify=not args.no_verify, min_overlap=args.min_overlap,
-        calibration_count=args.calibration_count, check_count=args.check_images)
+        calibration_count=args.calibration_count, check_count=args.check_images, with_int8=args.with_int8)
     made = _make_output_folder(options.output)
     if isinstance(made, str):
         print(f"python -m exports: error: {made}", file=sys.stderr)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import onnx
 
-from exports.contract import METADATA_KEYS
+from exports.contract import LATER_KEYS, METADATA_KEYS
+from indexer import quality
 
 
 class InfoError(ValueError):
@@ -59,7 +60,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     except Exception as err:  # noqa: BLE001 - protobuf raises several types for garbage
         raise InfoError(f"{path} is not a readable ONNX model ({type(err).__name__})") from None
     props = {p.key: p.value for p in model.metadata_props}
-    missing = [key for key in METADATA_KEYS if key not in props]
+    missing = [key for key in METADATA_KEYS if key not in props and key not in LATER_KEYS]
     if missing:
         raise InfoError(f"{path} is not a MoCo embedding model: metadata lacks {', '.join(missing)} "
                         "(export it with python -m exports)")
@@ -79,6 +80,12 @@ def format_info(info: ModelInfo, providers_line: str) -> str:
         lines.append(f"about      {info.doc}")
     lines += [f"input      {sig}" for sig in info.inputs]
     lines += [f"output     {sig}" for sig in info.outputs]
+    measured = quality.from_props(info.props)
+    lines.append(f"quality    {measured.summary()}")
+    if measured.monitor:
+        lines.append(f"monitor    {measured.monitor}")
+    if measured.doubtful:
+        lines.append(f"warning    {measured.doubt()}")
     lines.append("metadata")
     lines += [f"  {key:<{width}}  {value}" for key, value in sorted(info.props.items())]
     lines.append(f"providers  {providers_line}")

@@ -17,6 +17,12 @@ execution provider: a saved ORT graph of an fp16 model gains CPU-only casts arou
 
 Nothing is written until every check passed (see `exports.verify` for the thresholds), and then
 atomically, so an interrupted or refused export leaves no file behind.
+
+With ``with_int8`` one export writes the fp32 model and its int8 sibling ``NAME-int8.onnx``
+(calibrated on the training folder recorded in the checkpoint unless a folder is given). The
+sibling's metadata names the fp32 file and its sha256 and records the neighbour check it passed,
+so the indexer can use it in the fp32 model's place on CPUs with int8 dot-product instructions
+(:mod:`indexer.models`) knowing it is the same network, verified.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -40,10 +47,17 @@ from torch import nn
 from exports import samples, verify
 from exports.contract import INPUT_NAME, METADATA_KEYS, MODEL_FORMAT_VERSION, OUTPUT_NAME
 from exports.quantize import DEFAULT_VARIANT, QuantizeError, quantize_int8
-from indexer import runtime
+from indexer import quality, runtime
 from indexer.files import atomic_write_bytes, sha256_file
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# Variant props of Contract 2 (ARCHITECTURE.md), besides METADATA_KEYS; indexer.models reads them.
+PRECISION_PROP = "moco.precision"  # fp32 | fp16 | int8
+CHECK_PROP = "moco.precision_check"  # fp16/int8: the neighbour check against fp32, compact JSON
+FP32_MODEL_PROP = "moco.fp32_model"  # int8 sibling: the file name of the fp32 model it was made from
+FP32_SHA_PROP = "moco.fp32_sha256"  # ... and that file's sha256, so a re-exported fp32 orphans it
+VARIANT_KEYS = (PRECISION_PROP, CHECK_PROP, FP32_MODEL_PROP, FP32_SHA_PROP)
+INT8_SUFFIX = "-int8"
 DEFAULT_OPSET = 17  # read by every ONNX Runtime since 1.11 and by the quantization tools
 MIN_OPSET = 13
 MAX_OPSET = 20  # the TorchScript exporter's ceiling on this torch version
@@ -99,6 +113,20 @@ class Source:
     config: dict[str, Any]
     props: dict[str, str]
     checkpoint: Path
+    train_root: Path | None = None  # the training folder recorded in the checkpoint
+
+
+def int8_sibling(output: Path) -> Path:
+    """``models/x.onnx`` -> ``models/x-int8.onnx``: where ``--with-int8`` writes the int8 model
+    (the name ``indexer.models`` looks for beside the fp32 one)."""
+    return output.with_name(f"{output.stem}{INT8_SUFFIX}{output.suffix}")
+
+
+def check_record(check: verify.Check) -> str:
+    """``moco.precision_check``: the neighbour check as compact JSON, read back by the indexer."""
+    return json.dumps({"name": "top-10 neighbour overlap with fp32", "overlap": round(check.value, 6),
+                       "threshold": check.threshold, "images": check.images, "source": check.source,
+                       "passed": check.passed}, separators=(",", ":"), sort_keys=True)
 
 
 def train_data_summary(data: dict[str, Any] | None) -> str:
@@ -119,7 +147,13 @@ def _numbers(values: Any) -> str:
 def load_source(checkpoint: str | Path, *, head: bool = False) -> Source:
     """Open a checkpoint (file or run folder) as an ImagesToEmbeddings plus its metadata props."""
     from indexer.images import resize_recipe
-    from moco.checkpoint import CheckpointError, backbone_from_state, load_checkpoint, resolve_checkpoint_path
+    from moco.checkpoint import (
+        CheckpointError,
+        backbone_from_state,
+        load_checkpoint,
+        quality_of,
+        resolve_checkpoint_path,
+    )
 
     try:
         path = resolve_checkpoint_path(checkpoint)
@@ -148,8 +182,10 @@ def load_source(checkpoint: str | Path, *, head: bool = False) -> Source:
         "moco.std": _numbers(config["std"]),
         "moco.checkpoint_sha256": sha256_file(path),
         "moco.train_data": train_data_summary(state.get("data")),
+        quality.PROP: quality.to_prop(quality_of(state)),  # the trainer's monitor, start and end
     }
-    return Source(model, config, props, path)
+    root = (state.get("data") or {}).get("root")
+    return Source(model, config, props, path, Path(root) if root else None)
 
 
 def export_graph(model: ImagesToEmbeddings, image_size: int, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
@@ -211,14 +247,15 @@ def torch_embed(model: nn.Module, images: npt.NDArray[np.uint8], batch_size: int
 
 
 def finalize(model: onnx.ModelProto, props: dict[str, str], doc: str) -> onnx.ModelProto:
-    """Exactly the Contract 2 metadata keys, a human description, and ONNX's own check."""
+    """Exactly the Contract 2 metadata keys (the variant keys where they apply), a human
+    description, and ONNX's own check."""
     missing = [key for key in METADATA_KEYS if key not in props]
-    if missing or set(props) != set(METADATA_KEYS):
-        raise ValueError(f"metadata keys differ from Contract 2: missing {missing}, "
-                         f"extra {sorted(set(props) - set(METADATA_KEYS))}")
+    extra = sorted(set(props) - set(METADATA_KEYS) - set(VARIANT_KEYS))
+    if missing or extra:
+        raise ValueError(f"metadata keys differ from Contract 2: missing {missing}, extra {extra}")
     _prune_opset_imports(model)
     del model.metadata_props[:]
-    onnx.helper.set_model_props(model, {key: props[key] for key in METADATA_KEYS})
+    onnx.helper.set_model_props(model, {key: props[key] for key in (*METADATA_KEYS, *VARIANT_KEYS) if key in props})
     model.doc_string = doc
     model.producer_name = "moco-search exports"
     onnx.checker.check_model(model)
@@ -252,6 +289,7 @@ class ExportOptions:
     calibration_count: int = DEFAULT_CALIBRATION
     check_count: int = DEFAULT_CHECK_IMAGES
     int8_variant: str = DEFAULT_VARIANT
+    with_int8: bool = False  # also write the int8 sibling (int8_sibling(output)) of the fp32 model
 
 
 @dataclass
@@ -263,6 +301,7 @@ class ExportResult:
     size_bytes: int
     props: dict[str, str]
     checks: list[verify.Check] = field(default_factory=list)
+    int8: ExportResult | None = None  # the int8 sibling, when one was asked for and written
 
 
 def check_output_path(output: Path) -> None:
@@ -283,25 +322,47 @@ def _check_folder(path: Path | None, flag: str) -> None:
         raise ExportError(f"{flag} {path}: no such folder")
 
 
-def _overlap_threshold(options: ExportOptions) -> float:
+def _overlap_threshold(options: ExportOptions, precision: str) -> float:
     if options.min_overlap is not None:
         return options.min_overlap
-    return verify.FP16_MIN_OVERLAP if options.precision == "fp16" else verify.INT8_MIN_OVERLAP
+    return verify.FP16_MIN_OVERLAP if precision == "fp16" else verify.INT8_MIN_OVERLAP
+
+
+def calibration_folder(options: ExportOptions, source: Source, log: Callable[[str], None]) -> Path | None:
+    """The images int8 is calibrated and checked on: ``--calibration``, else the training folder
+    recorded in the checkpoint (images like the ones the model was made for), said aloud."""
+    if options.calibration is not None:
+        return Path(options.calibration)
+    if options.precision != "int8" and not options.with_int8:
+        return None
+    root = source.train_root
+    if root is None:
+        raise ExportError("the checkpoint records no training folder to calibrate int8 on; give --calibration "
+                          "IMAGE_DIR (images like the ones you will index)")
+    if not root.is_dir():
+        raise ExportError(f"the training folder recorded in the checkpoint, {root}, is gone; give --calibration "
+                          "IMAGE_DIR (images like the ones you will index)")
+    log(f"int8 calibration and check on the training folder recorded in the checkpoint: {root} "
+        "(--calibration IMAGE_DIR to choose other images)")
+    return root
 
 
 def export_checkpoint(options: ExportOptions, log: Callable[[str], None] = print) -> ExportResult:
-    """Build, verify and atomically write the model `options` describe.
+    """Build, verify and atomically write the model `options` describe (with ``with_int8``, the
+    fp32 model and then its int8 sibling).
 
     Raises ExportError for bad input and VerificationFailed for a model below its thresholds
     (unless options.verify is False, then the failures are reported and the model is written).
+    With ``with_int8`` a verified fp32 model is written even when its int8 sibling fails; the
+    VerificationFailed that follows says so.
     """
     if options.precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+    if options.with_int8 and options.precision != "fp32":
+        raise ExportError("--with-int8 writes an int8 model beside the fp32 one; it cannot be combined with "
+                          "--fp16 or --int8")
     output = Path(options.output)
     check_output_path(output)
-    if options.precision == "int8" and options.calibration is None:
-        raise ExportError("--int8 needs --calibration IMAGE_DIR: a folder of images like the ones you will "
-                          "index, to measure activation ranges and check the result")
     _check_folder(options.calibration, "--calibration")
     _check_folder(options.verify_images, "--verify-images")
     if options.calibration_count < 1 or options.check_count < 2:
@@ -312,6 +373,7 @@ def export_checkpoint(options: ExportOptions, log: Callable[[str], None] = print
         raise ExportError(str(err)) from None
 
     source = load_source(options.checkpoint, head=options.head)
+    calibration = calibration_folder(options, source, log)
     size = int(source.props["moco.image_size"])
     what = "projection head" if options.head else "backbone"
     log(f"exporting {source.props['moco.arch']} {what} ({source.props['moco.embedding_dim']}-d) at {size} px "
@@ -320,11 +382,26 @@ def export_checkpoint(options: ExportOptions, log: Callable[[str], None] = print
     fp32_session = runtime.make_session(fp32.SerializeToString(), options.device)
     log(f"verifying with ONNX Runtime on {', '.join(fp32_session.get_providers())}")
 
-    checks = _fp32_checks(source, fp32_session, options, size)
-    final, doc = fp32, "fp32"
+    checks = _fp32_checks(source, fp32_session, options, size, calibration)
+    final, doc, props = fp32, "fp32", {**source.props, PRECISION_PROP: options.precision}
     if options.precision != "fp32":
-        final, doc, check = _reduced_precision(source, fp32, fp32_session, options, size)
+        final, doc, check = _reduced_precision(source, fp32, fp32_session, options, size, options.precision,
+                                               calibration)
         checks.append(check)
+        props[CHECK_PROP] = check_record(check)
+    _judge(checks, options, log)
+    data = _write(output, final, props, doc, what, options.precision, log)
+    report_quality(source.props, log)
+    result = ExportResult(output, options.precision, len(data), props, checks)
+    if options.with_int8:
+        assert calibration is not None  # calibration_folder raised otherwise
+        result.int8 = _write_int8_sibling(source, fp32, fp32_session, options, size, calibration, output, data,
+                                          what, log)
+    return result
+
+
+def _judge(checks: list[verify.Check], options: ExportOptions, log: Callable[[str], None]) -> None:
+    """Log every check; raise VerificationFailed on a failed one unless --no-verify."""
     for check in checks:
         log(check.line())
     failed = [check for check in checks if not check.passed]
@@ -334,17 +411,52 @@ def export_checkpoint(options: ExportOptions, log: Callable[[str], None] = print
     if failed:
         log("warning: verification failed; writing anyway because of --no-verify")
 
-    description = (f"MoCo {source.props['moco.preset']} {source.props['moco.arch']} {what} embeddings, "
+
+def _write(output: Path, model: onnx.ModelProto, props: dict[str, str], doc: str, what: str, precision: str,
+           log: Callable[[str], None]) -> bytes:
+    """Finalize the metadata and write the model atomically; its bytes (for the sibling's sha256)."""
+    description = (f"MoCo {props['moco.preset']} {props['moco.arch']} {what} embeddings, "
                    f"{doc}; input images uint8 [N,S,S,3] RGB, output embeddings float32 [N,D] "
                    "L2-normalized")
-    final = finalize(final, source.props, description)
-    data = final.SerializeToString()
+    data = finalize(model, props, description).SerializeToString()
     try:
         atomic_write_bytes(output, data)  # mode 0666 less the umask: a model is meant to be shared
     except OSError as err:
         raise ExportError(f"cannot write {output}: {err.strerror or err}") from None
-    log(f"wrote {output} ({len(data) / 1e6:.1f} MB, {options.precision})")
-    return ExportResult(output, options.precision, len(data), dict(source.props), checks)
+    log(f"wrote {output} ({len(data) / 1e6:.1f} MB, {precision})")
+    return data
+
+
+def _write_int8_sibling(source: Source, fp32: onnx.ModelProto, fp32_session: Any, options: ExportOptions, size: int,
+                        calibration: Path, output: Path, fp32_bytes: bytes, what: str,
+                        log: Callable[[str], None]) -> ExportResult:
+    """Quantize, check and write ``NAME-int8.onnx`` naming the fp32 file it stands in for."""
+    import hashlib
+
+    path = int8_sibling(output)
+    model, doc, check = _reduced_precision(source, fp32, fp32_session, options, size, "int8", calibration)
+    props = {**source.props, PRECISION_PROP: "int8", CHECK_PROP: check_record(check),
+             FP32_MODEL_PROP: output.name, FP32_SHA_PROP: hashlib.sha256(fp32_bytes).hexdigest()}
+    try:
+        _judge([check], options, log)
+    except VerificationFailed as err:
+        stale = " (the older " + str(path) + " there belongs to another fp32 model; the indexer will not use it)" \
+            if path.exists() else ""
+        raise VerificationFailed(f"int8 {err}; the verified fp32 model {output} was written, no int8 sibling"
+                                 f"{stale}") from None
+    data = _write(path, model, props, doc, what, "int8", log)
+    return ExportResult(path, "int8", len(data), props, [check])
+
+
+def report_quality(props: dict[str, str], log: Callable[[str], None]) -> quality.ModelQuality:
+    """Say in one line how the trained network scored against its random start, and warn when it
+    is no better: every index and page built on this model inherits that."""
+    measured = quality.from_props(props)
+    log(f"quality: {measured.summary()}")
+    if measured.doubtful:
+        log(f"warning: {measured.doubt()}; searches and few-label results with it are an untrained network's "
+            "(train longer, or check the recipe)")
+    return measured
 
 
 def _folder_sample(folder: Path | None, size: int, limit: int, offset: float = 0.0,
@@ -357,7 +469,8 @@ def _folder_sample(folder: Path | None, size: int, limit: int, offset: float = 0
         raise ExportError(str(err)) from None
 
 
-def _fp32_checks(source: Source, session: Any, options: ExportOptions, size: int) -> list[verify.Check]:
+def _fp32_checks(source: Source, session: Any, options: ExportOptions, size: int, calibration: Path | None,
+                 ) -> list[verify.Check]:
     """Per-image cosine of ORT against PyTorch on random images (whole batch and one at a time:
     both batch shapes must work) and on real or generated natural images."""
     noise = samples.random_images(PARITY_RANDOM, size, seed=0)
@@ -366,7 +479,7 @@ def _fp32_checks(source: Source, session: Any, options: ExportOptions, size: int
     single = runtime.embed(session, noise[:3], batch_size=1)
     cos_noise = np.concatenate([verify.row_cosines(reference, batched),
                                 verify.row_cosines(reference[:3], single)])
-    folder = options.verify_images or options.calibration
+    folder = options.verify_images or calibration
     real = _folder_sample(folder, size, PARITY_REAL)
     if real is not None:
         pictures, source_name = real.images, f"images from {folder}"
@@ -382,15 +495,16 @@ def _fp32_checks(source: Source, session: Any, options: ExportOptions, size: int
 
 
 def _reduced_precision(source: Source, fp32: onnx.ModelProto, fp32_session: Any, options: ExportOptions,
-                       size: int) -> tuple[onnx.ModelProto, str, verify.Check]:
+                       size: int, precision: str, calibration_dir: Path | None,
+                       ) -> tuple[onnx.ModelProto, str, verify.Check]:
     """Build the fp16 or int8 model and measure its top-10 neighbour overlap with fp32."""
-    folder = _folder_sample(options.calibration, size, options.check_count)
+    folder = _folder_sample(calibration_dir, size, options.check_count)
     if folder is not None:
-        pictures, where = folder.images, f"images from {options.calibration}"
+        pictures, where = folder.images, f"images from {calibration_dir}"
     else:
         count = min(options.check_count, GENERATED_CHECK_IMAGES)
         pictures, where = samples.natural_images(count, size, seed=2), "generated natural images"
-    if options.precision == "fp16":
+    if precision == "fp16":
         half = ImagesToEmbeddings(copy.deepcopy(source.model.net), tuple(source.config["mean"]),
                               tuple(source.config["std"]), half=True).eval()
         model = export_graph(half, size, options.opset)
@@ -398,8 +512,8 @@ def _reduced_precision(source: Source, fp32: onnx.ModelProto, fp32_session: Any,
     else:
         # A different spread of the folder than the check images, so the check is not only
         # scored on the very pictures the ranges were fitted to.
-        calibration = _folder_sample(options.calibration, size, options.calibration_count, offset=0.5)
-        assert calibration is not None  # export_checkpoint refuses --int8 without --calibration
+        calibration = _folder_sample(calibration_dir, size, options.calibration_count, offset=0.5)
+        assert calibration is not None  # calibration_folder refuses int8 without a folder
         try:
             model = quantize_int8(fp32, calibration.images, variant=options.int8_variant)
         except QuantizeError as err:
@@ -411,7 +525,5 @@ def _reduced_precision(source: Source, fp32: onnx.ModelProto, fp32_session: Any,
     reference = runtime.embed(fp32_session, pictures)
     overlap = verify.neighbour_overlap(reference, reduced)
     cosine = float(verify.row_cosines(reference, reduced).mean())
-    name = f"{options.precision} vs fp32, top-{verify.OVERLAP_K} neighbour overlap (mean cosine {cosine:.5f})"
-    return model, doc, verify.Check(name, overlap, _overlap_threshold(options), len(pictures), where)
-
-
+    name = f"{precision} vs fp32, top-{verify.OVERLAP_K} neighbour overlap (mean cosine {cosine:.5f})"
+    return model, doc, verify.Check(name, overlap, _overlap_threshold(options, precision), len(pictures), where)

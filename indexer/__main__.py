@@ -1,4 +1,4 @@
-"""Command line: ``python -m indexer build|update|search|info|eval|dupes|merge``.
+"""Command line: ``python -m indexer build|update|search|info|eval|dupes|curate|merge|serve``.
 
 Exit codes: 0 done; 1 nothing could be indexed (every file bad) or a search found nothing to
 search; 2 bad input (arguments, paths, a locked or foreign collection, a model that breaks
@@ -14,9 +14,17 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from indexer.cli import DEVICES, HelpFormatter, OneLineParser, UsageError, positive_int, similarity
+from indexer.threads import configure_process
+
+configure_process()  # passive OpenMP waiting, before torch / onnxruntime load (indexer.threads)
+
+from indexer.cli import DEVICES, HelpFormatter, OneLineParser, UsageError, positive_int, similarity  # noqa: E402
+
+if TYPE_CHECKING:  # annotations only: the heavy modules are imported after parsing
+    from indexer.collection import Collection
+    from indexer.quality import ModelQuality
 
 EXAMPLES = """examples:
   python -m indexer build photos/ --model models/flowers.onnx       # -> indexes/photos
@@ -25,8 +33,10 @@ EXAMPLES = """examples:
   python -m indexer info indexes/photos
   python -m indexer eval indexes/photos
   python -m indexer dupes indexes/photos --threshold 0.97
+  python -m indexer curate indexes/photos --json
   python -m indexer build photos/ --shard 0/4 --out parts/p0   # on each of 4 machines, then:
   python -m indexer merge parts/p0 parts/p1 parts/p2 parts/p3 --out indexes/photos
+  python -m indexer serve indexes/photos                          # HTTP API on 127.0.0.1:8000
 
 exit codes: 0 done; 1 no image could be indexed; 2 bad input
 """
@@ -68,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="collection folder (default indexes/<folder name>)")
     p.add_argument("--shard", help="embed only shard i of n (e.g. 0/4), or 'env' for RANK/WORLD_SIZE (torchrun) "
                    "or SLURM_PROCID/SLURM_NTASKS; join the parts with 'merge'")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "int8"),
+                   help="model variant (default auto: the model's verified int8 sibling NAME-int8.onnx from "
+                   "'python -m exports --with-int8' on a CPU with VNNI/AMX, else fp32; a --model file is used "
+                   "as it is unless fp32 or int8 is asked for)")
     _writer_options(p)
 
     p = sub.add_parser("update", help="embed new or changed files, drop deleted ones",
@@ -81,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="the most similar images to a query image",
                        description="Embed a query image with the collection's model and print the K most "
-                       "similar indexed images, best first, with their cosine similarity.",
+                       "similar indexed images, best first, with their cosine similarity and its closeness: the "
+                       "share of the collection's items whose nearest neighbour is less similar (so 97% is a "
+                       "closer match than almost any two images here, whatever the model's scale).",
                        epilog="example:\n  python -m indexer search indexes/photos query.jpg -k 5 --json",
                        formatter_class=HelpFormatter)
     p.add_argument("collection", type=Path)
     p.add_argument("query", type=Path, help="query image file")
     p.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {id, path, score, label}, best first")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {id, path, score, label, closeness}, "
+                   "best first")
     p.add_argument("--device", default="auto", choices=DEVICES)
 
     p = sub.add_parser("info", help="what a collection holds: counts, model, index recipe, measured recall",
@@ -96,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  python -m indexer info indexes/photos --json",
                        formatter_class=HelpFormatter)
     p.add_argument("collection", type=Path)
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON, with the model's recorded "
+                   "training quality under 'quality'")
 
     p = sub.add_parser("eval", help="kNN, linear and few-label accuracy from the folder labels",
                        description="Measure how well the embeddings separate the labels (first-level "
@@ -108,14 +126,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("dupes", help="groups of near-duplicate images",
-                       description="Print groups of images whose embeddings are more similar than the "
-                       "threshold, one group a line (a summary goes to stderr).",
+                       description="Print groups of near-duplicate images, one group a line; the threshold "
+                       "used and why, and a summary, go to stderr. The default threshold adapts to the model: "
+                       "a near-duplicate is ten times closer than the collection's typical nearest neighbour "
+                       "(never below cosine 0.95), groups stay within twice the threshold's distance of their "
+                       "centre (no chains across a collection), and identical files always group.",
                        epilog="example:\n  python -m indexer dupes indexes/photos --threshold 0.97",
                        formatter_class=HelpFormatter)
     p.add_argument("collection", type=Path)
     p.add_argument("--threshold", type=similarity, default=None, help="cosine similarity above which two "
-                   "images are duplicates (default 0.95)")
+                   "images are duplicates (default: adapted to the model, see above)")
     p.add_argument("--json", action="store_true", help="print a JSON list of groups of {id, path}")
+
+    p = sub.add_parser("curate", help="label mistakes, duplicates, outliers and representative images",
+                       description="Score every item from the collection's own embeddings (one nearest-"
+                       "neighbour search of all items through its index) and keep the scores in the collection "
+                       "for this generation: likely label mistakes (cleanlab's confident learning on the "
+                       "neighbours' out-of-sample votes), near-duplicate groups (exact copies marked), outliers "
+                       "(distance to the 10th neighbour) and the most representative images of each k-means "
+                       "cluster. Prints a summary, or with --json one object with the four lists.",
+                       epilog="example:\n  python -m indexer curate indexes/photos --labels folder --json",
+                       formatter_class=HelpFormatter)
+    p.add_argument("collection", type=Path)
+    p.add_argument("--labels", choices=("auto", "folder", "user"), default="auto",
+                   help="which labels to check: the first-level folder names, or the labels people set in the "
+                   "app (default auto: the folder labels when there are any)")
+    p.add_argument("--top", type=positive_int, default=100, help="outliers listed (default 100)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: label_issues, duplicate_groups, "
+                   "outliers, representative")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("merge", help="join part collections from 'build --shard' into one",
                        description="Join the part collections written by 'build --shard i/n' (same image "
@@ -127,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default="auto", help="index recipe, as for build")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--no-progress", action="store_true")
+
+    from indexer.server.options import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -138,21 +182,34 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             "progress": not args.no_progress}
 
 
-def _print_summary(summary: Any, directory: Path) -> None:
+def _print_summary(col: Collection, directory: Path) -> None:
     print(f"collection  {directory}")
-    for line in summary.lines():
+    for line in col.summary.lines() if col.summary is not None else ():
         print(line)
+    _print_quality(col.quality)
 
 
-def _announce_model(image_dir: Path | None, out: Path, given: Path | None) -> Path | None:
+def _print_quality(measured: ModelQuality) -> None:
+    """The model's recorded training quality, and a warning when it is no better than its start."""
+    print(f"quality     {measured.summary()}")
+    if measured.doubtful:
+        print(f"warning: {measured.doubt()}, by its trainer's kNN monitor; searches and few-label results on "
+              "this collection are an untrained network's", file=sys.stderr)
+
+
+def _announce_model(image_dir: Path | None, out: Path, given: Path | None, precision: str = "auto",
+                    device: str = "auto") -> Path | None:
     """Choose the model as the writer will (the given one, the collection's own, or the one
-    trained on the folder: :func:`indexer.models.choose_model`) and print it with what it was
-    trained on, before any work, so a model is never used without a word."""
+    trained on the folder: :func:`indexer.models.choose_model`, then its variant:
+    :func:`indexer.models.choose_variant`) and print it with what it was trained on and why this
+    variant, before any work, so a model is never used without a word."""
     from indexer import models, store
 
     manifest = out / store.MANIFEST
+    variant = None
     if given is not None:
-        path, how = given, "given with --model"
+        variant = models.choose_variant(given, precision=precision, device=device, given=True)
+        path, how = variant.path, "given with --model"
     elif manifest.is_file():
         try:
             path, how = out / store.read_manifest(out)["model_file"], "the collection's own model"
@@ -163,17 +220,24 @@ def _announce_model(image_dir: Path | None, out: Path, given: Path | None) -> Pa
             return None
         if not image_dir.is_dir():  # say so, not "no model was trained on" a folder that is not there
             raise UsageError(f"image folder not found: {image_dir}")
-        path, how = models.choose_model(image_dir).path, "trained on this folder"
+        variant = models.choose_variant(models.choose_model(image_dir).path, precision=precision, device=device)
+        path, how = variant.path, "trained on this folder"
     info = models.model_info(path)
     note = how
     if image_dir is not None and info.train_root is not None and not models.trained_on(info, image_dir):
         note += f"; NOT trained on {image_dir}"
     print(f"model       {info.describe()}, {note}", flush=True)
-    return path if given is None and not manifest.is_file() else given
+    if variant is not None:
+        print(f"precision   {variant.precision}: {variant.reason}", flush=True)
+    return variant.path if variant is not None else None
 
 
 def run(args: argparse.Namespace) -> int:
-    from indexer import ann, build, merge
+    if args.command == "serve":
+        from indexer.server.launch import serve
+
+        return serve(args)
+    from indexer import ann, build, merge, models
     from indexer.collection import Collection
 
     if args.command in ("build", "update"):
@@ -190,20 +254,22 @@ def run(args: argparse.Namespace) -> int:
         if out is None:
             name = args.image_dir.expanduser().resolve().name
             out = Path("indexes") / (f"{name}.part-{shard[0]}-of-{shard[1]}" if shard else name)
-        model = _announce_model(args.image_dir, out, args.model)
+        model = _announce_model(args.image_dir, out, args.model, args.precision, args.device)
         col = build.build(args.image_dir, out, model=model, rebuild=args.rebuild, shard=shard,
                           **_options(args))
-        _print_summary(col.summary, out)
+        _print_summary(col, out)
+        _refresh_curation(col, progress=not args.no_progress)
         return 0
     if args.command == "update":
         _announce_model(None, args.collection, args.model)
         new = build.update(args.collection, model=args.model, rebuild=args.rebuild, **_options(args))
-        _print_summary(new.summary, args.collection)
+        _print_summary(new, args.collection)
+        _refresh_curation(new, progress=not args.no_progress)
         return 0
     if args.command == "merge":
         col = merge.merge(args.parts, args.out, index=args.index, device=args.device,
                           progress=not args.no_progress)
-        _print_summary(col.summary, args.out)
+        _print_summary(col, args.out)
         return 0
 
     col = Collection.open(args.collection, device=getattr(args, "device", "auto"))
@@ -217,13 +283,19 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([h.to_json() for h in hits], indent=2))
         else:
+            stats = col.neighbour_stats()
+            if stats is not None:
+                print("rank  cosine  closeness (share of items whose nearest neighbour is less similar)  path",
+                      file=sys.stderr)
             for rank, h in enumerate(hits, 1):
-                print(f"{rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{h.label}]" if h.label else ""))
+                where = f"{h.closeness:4.0%}  " if h.closeness is not None else ""
+                words = f"  ({stats.describe(h.score)})" if stats is not None else ""
+                print(f"{rank:3d}  {h.score:.4f}  {where}{h.path}" + (f"  [{h.label}]" if h.label else "") + words)
         return 0
     if args.command == "info":
         m = col.manifest
         if args.json:
-            print(json.dumps(m, indent=2, sort_keys=True))
+            print(json.dumps({**m, "quality": col.quality.as_dict()}, indent=2, sort_keys=True))
             return 0
         counts = m["counts"]
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted((counts.get("skipped_by_reason") or {}).items())) or "none"
@@ -235,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
             f"model       {props.get('moco.arch', '?')} {props.get('moco.preset', '')}, "
             f"{props.get('moco.image_size', '?')} px, "
             f"D={m['dim']}, sha256 {m['model']['sha256'][:12]}",
+            f"precision   {models.describe_precision(props)}",
             "index       " + ann.describe_recipe(m["index"]["recipe"]),
             f"vectors     {sum(p['count'] for p in m['vectors']):,} rows in {len(m['vectors'])} file(s)",
             f"map         {m['projection']['fit_points']:,} points fitted by t-SNE, the rest placed"
@@ -242,6 +315,9 @@ def run(args: argparse.Namespace) -> int:
             f"updated     {m['updated']} (created {m['created']})",
         ]
         print("\n".join(lines))
+        _print_quality(col.quality)
+        if col.quality.monitor:
+            print(f"monitor     {col.quality.monitor}")
         return 0
     if args.command == "eval":
         result = col.evaluate()
@@ -254,17 +330,60 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "dupes":
         t0 = time.perf_counter()
-        groups = col.duplicates(args.threshold)
+        chosen = col.duplicate_threshold(args.threshold)
+        print(f"threshold {chosen.reason}", file=sys.stderr)
+        groups = col.duplicates(chosen.similarity)
         paths = {it.id: it.path for it in col.items}
         if args.json:
             print(json.dumps([[{"id": i, "path": paths.get(i)} for i in g] for g in groups], indent=2))
         else:
             for g in groups:
                 print("  ".join(paths.get(i, str(i)) for i in g))
-            print(f"{len(groups)} groups, {sum(map(len, groups))} images ({time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr)
+            print(f"{len(groups)} groups, {sum(map(len, groups))} images, the largest "
+                  f"{max(map(len, groups), default=0)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         return 0
+    if args.command == "curate":
+        return _curate(col, args)
     raise UsageError(f"unknown command {args.command}")
+
+
+def _refresh_curation(col: Collection, *, progress: bool) -> None:
+    """Curation scores describe one generation: when the collection kept some, compute them again
+    for the new one (with the same labels), so they never describe files that changed."""
+    from indexer import curation_store
+    from indexer.curate import curate
+
+    source = curation_store.kept_label_source(col.directory)
+    if source is None or curation_store.load(col.directory, col.generation, col.ids) is not None:
+        return
+    scores = curate(col, labels=source, show_progress=progress)
+    print(f"curation    scores recomputed for generation {scores.generation} ({len(scores.label_issues)} label "
+          f"issues, {len(scores.duplicate_groups)} duplicate groups)")
+
+
+def _curate(col: Collection, args: argparse.Namespace) -> int:
+    from indexer.curate import curate, report
+
+    t0 = time.perf_counter()
+    scores = curate(col, labels=args.labels, show_progress=not args.no_progress)
+    result = report(col, scores, top=args.top)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"curated {len(col):,} items of generation {scores.generation} in {time.perf_counter() - t0:.1f} s "
+          f"({scores.label_source} labels); kept in the collection")
+    if scores.note:
+        print(f"label issues: none searched: {scores.note}")
+    else:
+        print(f"label issues: {len(result['label_issues'])} likely mistakes")
+    for issue in result["label_issues"][:10]:
+        print(f"  {issue['path']}  labelled {issue['label']}, looks like {issue['suggested']} "
+              f"({issue['confidence']:.0%})")
+    groups = result["duplicate_groups"]
+    exact = sum(1 for g in groups if any(member["exact"] for member in g))
+    print(f"duplicate groups: {len(groups)} ({exact} with exact copies), {sum(map(len, groups))} images")
+    print("outliers, most unusual first: " + ", ".join(o["path"] for o in result["outliers"][:5]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

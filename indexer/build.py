@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from indexer import ann, files, store
+from indexer import ann, files, scores, store
 from indexer.collection import Collection, open_index, open_projection
 from indexer.embed import EmbeddingModel, embed_files
 from indexer.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageRef, scan_images
-from indexer.models import choose_model
+from indexer.models import choose_model, choose_variant
 from indexer.projection import FIT_MAX, Projection, fit_projection
 from indexer.vectors import LiveVectors, open_part, write_part
 
@@ -99,10 +99,11 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def default_model(image_root: Path, models_dir: Path = Path("models")) -> Path:
+def default_model(image_root: Path, models_dir: Path = Path("models"), device: str = "auto") -> Path:
     """The model trained on ``image_root`` (:func:`indexer.models.choose_model`), never silently
-    the newest file: a model trained on other pictures embeds these badly without a word."""
-    return choose_model(image_root, models_dir).path
+    the newest file: a model trained on other pictures embeds these badly without a word; its
+    verified int8 sibling where that is faster (:func:`indexer.models.choose_variant`)."""
+    return choose_variant(choose_model(image_root, models_dir).path, device=device).path
 
 
 def parse_shard(text: str | None, env: dict[str, str] | None = None) -> tuple[int, int] | None:
@@ -213,7 +214,7 @@ class _Writer:
                 opts.index = prev["index"]["spec"]
         assert image_root is not None
         if model_path is None:
-            model_path = d / prev["model_file"] if prev else default_model(image_root)
+            model_path = d / prev["model_file"] if prev else default_model(image_root, device=opts.device)
             if prev and not model_path.is_file():
                 raise store.damaged(model_path, "is missing", "give the model with --model, or " + store.REBUILD_HINT)
         model = EmbeddingModel(model_path, device=opts.device, threads=opts.threads)
@@ -405,6 +406,8 @@ def finish(directory: Path, conn: sqlite3.Connection, prev: dict[str, Any] | Non
     store.crash_point("projection-written")
     model_file = _model_copy(d, prev, model)
     summary.recipe = recipe.to_json()
+    # What a similarity means in this generation (indexer.scores): closeness of hits, dupes' threshold.
+    stats = scores.measure(ann.Searcher(index, recipe.params, use_gpu=False).search, live, live_ids)
     return {
         "format_version": store.FORMAT_VERSION,
         "generation": gen,
@@ -422,6 +425,7 @@ def finish(directory: Path, conn: sqlite3.Connection, prev: dict[str, Any] | Non
         "counts": {"indexed": int(len(live_ids)), "skipped": summary.skipped,
                    "skipped_by_reason": dict(reasons)},
         "last_run": {"embedded": summary.embedded, "embed_seconds": summary.embed_seconds},
+        "neighbour_stats": stats.to_json() if stats else None,
     }
 
 

@@ -23,25 +23,31 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from indexer import ann, store
+from indexer import ann, quality, store
 from indexer.embed import EmbeddingModel
 from indexer.projection import Projection
+from indexer.scores import NeighbourStats, measure
 from indexer.vectors import LiveVectors
 
 if TYPE_CHECKING:  # only for the annotation: the writer imports the reader, never the reverse
     from indexer.build import BuildSummary
+    from indexer.dupes import Threshold
 
 __all__ = ["Collection", "Hit", "Item", "open_index", "open_projection"]
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: item id, path relative to the image root, cosine similarity, label."""
+    """One search result: item id, path relative to the image root, cosine similarity, label, and
+    ``closeness``: the share (0..1) of the collection's items whose nearest neighbour is less
+    similar than this hit (None when the collection is too small to measure; see
+    :mod:`indexer.scores`), so a score means something whatever the model's scale."""
 
     id: int
     path: str
     score: float
     label: str | None
+    closeness: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,6 +140,7 @@ class Collection:
         self._vectors: LiveVectors | None = None
         self._projection: Projection | None = None
         self._labels_conn: sqlite3.Connection | None = None
+        self._neighbour_stats: tuple[NeighbourStats | None] | None = None
         index_entry = manifest["index"]
         self.recipe: dict[str, Any] = index_entry["recipe"]
         self._conn = store.connect(directory, readonly=True)
@@ -241,6 +248,12 @@ class Collection:
     @property
     def image_root(self) -> Path:
         return Path(self.manifest["image_root"])
+
+    @property
+    def quality(self) -> quality.ModelQuality:
+        """How the model measured itself at training time (its ``moco.quality``, kept in the
+        manifest with the model's other props); "unmeasured" when the model records none."""
+        return quality.from_props(self.manifest["model"]["props"])
 
     @property
     def model(self) -> EmbeddingModel:
@@ -371,7 +384,9 @@ class Collection:
         lost = [i for i, _ in pairs if i not in meta]
         if lost:  # the index and the rows disagree: say so rather than return fewer hits
             raise store.damaged(self.directory / store.ITEMS_DB, f"has no row for indexed item {lost[0]}")
-        return [Hit(i, meta[i][0], s, meta[i][1]) for i, s in pairs]
+        stats = self.neighbour_stats()
+        return [Hit(i, meta[i][0], s, meta[i][1], None if stats is None else round(stats.closeness(s), 4))
+                for i, s in pairs]
 
     def search_vector(self, vector: npt.ArrayLike, k: int = 10) -> list[Hit]:
         """The k most similar items to an embedding (normalised here, so any scale works)."""
@@ -393,13 +408,36 @@ class Collection:
 
     # -- analysis ------------------------------------------------------------------------------
 
+    def neighbour_stats(self) -> NeighbourStats | None:
+        """How similar items' nearest neighbours are in this collection (:mod:`indexer.scores`):
+        measured at build and kept in the manifest; for a collection written before that, measured
+        here from a sample once and kept in memory (a reader never writes). None when too small."""
+        if self._neighbour_stats is None:
+            entry = self.manifest.get("neighbour_stats")
+            if entry is not None:
+                stats: NeighbourStats | None = NeighbourStats.from_json(entry)
+            else:
+                live = self._live()
+                stats = measure(self.searcher.search, live, live.ids)
+            self._neighbour_stats = (stats,)
+        return self._neighbour_stats[0]
+
+    def duplicate_threshold(self, threshold: float | None = None) -> Threshold:
+        """The similarity near-duplicates must exceed, and why: ``threshold`` (absolute cosine)
+        when given, else adapted to this collection's neighbour similarities (:mod:`indexer.dupes`)."""
+        from indexer.dupes import choose_threshold
+
+        return choose_threshold(self.neighbour_stats(), threshold)
+
     def duplicates(self, threshold: float | None = None) -> list[list[int]]:
-        """Near-duplicate groups (item ids) with cosine similarity above ``threshold``."""
-        from indexer.dupes import DEFAULT_THRESHOLD, duplicate_groups
+        """Near-duplicate groups (item ids) with cosine similarity above ``threshold`` (default:
+        :meth:`duplicate_threshold`); identical files (same content hash) always share a group."""
+        from indexer.dupes import duplicate_groups
 
         live = self._live()
-        return duplicate_groups(self.searcher, live, live.ids,
-                                DEFAULT_THRESHOLD if threshold is None else threshold)
+        hashes = {it.id: it.sha256 for it in self.items}
+        return duplicate_groups(self.searcher, live, live.ids, self.duplicate_threshold(threshold).similarity,
+                                same_file=[hashes.get(int(i)) for i in live.ids])
 
     def evaluate(self, *, test_fraction: float = 0.2, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
         """kNN, linear and few-label accuracy from folder labels (stratified train/test split)."""

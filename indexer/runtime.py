@@ -26,6 +26,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from indexer.cli import DEVICES
+from indexer.threads import available_cores
 
 __all__ = [
     "CPU",
@@ -58,11 +59,10 @@ def physical_cores() -> int:
     """Physical cores this process may run on, counting SMT siblings once.
 
     ORT's intra-op threads are best at one per core: a second thread on an SMT sibling competes
-    for the same FMA units and usually slows GEMMs down."""
-    try:
-        logical = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        logical = os.cpu_count() or 1
+    for the same FMA units and usually slows GEMMs down. The logical count is the one the
+    trainer uses too (`indexer.threads.available_cores`: the affinity mask and a container's
+    CPU quota), so no part oversubscribes the cores it really has."""
+    logical = available_cores()
     try:
         text = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
         # a Linux cpu list such as '0,64' or '0-1'

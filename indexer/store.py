@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer.files import atomic_write_bytes
+from indexer.scores import check_entry as check_neighbour_stats
 
 __all__ = [
     "FORMAT_VERSION",
@@ -250,6 +251,11 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
     reasons = _field(counts, "skipped_by_reason", "object", path, "counts", optional=True) or {}
     for key in reasons:
         _field(reasons, key, "count", path, "counts.skipped_by_reason")
+    stats = manifest.get("neighbour_stats")
+    if stats is not None:  # written since issue 17; older collections measure it when read
+        problem = check_neighbour_stats(stats)
+        if problem:
+            raise damaged(path, problem)
     shard = manifest.get("shard")
     if shard is not None and not (isinstance(shard, list) and len(shard) == 2 and all(map(_is_int, shard))
                                   and 0 <= shard[0] < shard[1]):

@@ -13,9 +13,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from indexer.cli import HelpFormatter, OneLineParser, UsageError, from_parser
-from moco.config import ARCHS, PRESETS, ConfigError, TrainConfig, build_config, fit_to_data, validate
-from moco.pacer import format_duration, parse_duration, process_age
+from indexer.threads import configure_process
+
+configure_process()  # passive OpenMP waiting, before torch loads (indexer.threads)
+
+from indexer.cli import HelpFormatter, OneLineParser, UsageError, from_parser  # noqa: E402
+from moco.config import ARCHS, PRESETS, ConfigError, TrainConfig, build_config, fit_to_data, validate  # noqa: E402
+from moco.pacer import format_duration, parse_duration, process_age  # noqa: E402
 
 EXAMPLES = """examples:
   python -m moco train photos/ --out runs/photos --epochs 100 --val photos_val/
@@ -324,6 +328,10 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
         length = f"{progress.epoch} epochs, {progress.step} steps in {progress.elapsed / 60:.1f} min"
     say(f"done: {length}; {skipped} file{'s' if skipped != 1 else ''} skipped; checkpoint "
         f"{run_dir / CHECKPOINT_NAME}")
+    quality = trainer.last_quality
+    if quality is not None:
+        label = {"learned": "quality", "not_learned": "warning", "unmeasured": "quality"}[quality["verdict"]]
+        say(f"{label}: {quality['reason']}")
     return 0
 
 

@@ -104,9 +104,21 @@ def restore_rng_state(rng: dict[str, Any], device: torch.device) -> None:
 
 
 def training_state(config: TrainConfig, *, model: MoCo, optimizer: torch.optim.Optimizer, progress: Progress,
-                   plan: Plan, device: torch.device, folder: ImageFolder, val: ImageFolder | None) -> dict[str, Any]:
-    """Everything a resumed run needs to continue exactly, as the checkpoint holds it (Contract 1)."""
-    return {
+                   plan: Plan, device: torch.device, folder: ImageFolder, val: ImageFolder | None,
+                   quality: dict[str, Any] | None = None, shipped_encoder: dict[str, torch.Tensor] | None = None,
+                   monitor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly, as the checkpoint holds it (Contract 1).
+
+    `quality` says how good the shipped network is and which one ships (moco.quality);
+    `shipped_encoder` is the query encoder's state dict to export when that is not the final
+    network (the start or the best one); `monitor` the tracker's state for a resumed session.
+    """
+    extras: dict[str, Any] = {"quality": quality if quality is not None else quality_of({})}
+    if shipped_encoder is not None:
+        extras["shipped_encoder"] = shipped_encoder
+    if monitor is not None:
+        extras["monitor"] = monitor
+    return {**extras,
         "config": config.to_dict(),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -195,20 +207,41 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def _submodule_weights(state: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+def _submodule_weights(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def quality_of(state: dict[str, Any]) -> dict[str, Any]:
+    """How good the checkpoint's shipped network is by the trainer's monitor (`moco.quality`):
+    the stored quality dict, or an "unmeasured" one for checkpoints written before it was recorded."""
+    from moco.quality import unmeasured
+
+    quality = state.get("quality")
+    if isinstance(quality, dict) and "verdict" in quality:
+        return quality
+    return unmeasured("trained before quality was recorded")
+
+
+def shipped_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The query encoder's weights that ship ("backbone.*" and "head.*" keys): the stored
+    `shipped_encoder` (the start or the best network) when there is one, else the final network's."""
+    if isinstance(state.get("shipped_encoder"), dict):
+        return state["shipped_encoder"]
+    return {k[len("encoder_q."):]: v for k, v in state["model"].items() if k.startswith("encoder_q.")}
 
 
 def backbone_from_state(state: dict[str, Any], *, head: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The shipped query backbone (and head), eval mode: see `shipped_weights` and `quality_of`."""
     config = TrainConfig.from_dict(state["config"])
+    weights = shipped_weights(state)
     backbone = build_backbone(config.arch, stem=resolve_stem(config), image_size=config.image_size)
-    backbone.load_state_dict(_submodule_weights(state, "encoder_q.backbone."))
+    backbone.load_state_dict(_submodule_weights(weights, "backbone."))
     module: nn.Module = backbone
     if head:
         from moco.model import build_heads
 
         projector, _ = build_heads(config)
-        projector.load_state_dict(_submodule_weights(state, "encoder_q.head."))
+        projector.load_state_dict(_submodule_weights(weights, "head."))
         module = nn.Sequential(backbone, projector)
     module.eval()
     return module, state["config"]
@@ -217,7 +250,8 @@ def backbone_from_state(state: dict[str, Any], *, head: bool = False) -> tuple[n
 def load_backbone(path: str | Path, *, head: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The trained query backbone (eval mode, CPU) and the run's config dict.
 
-    The module maps a float batch normalised with config['mean']/config['std'] to pooled
+    The weights are those the run ships (`quality_of(state)["shipped"]`: the final, the best
+    or the start network). The module maps a float batch normalised with config['mean']/config['std'] to pooled
     backbone features [N, config['embedding_dim']]; with head=True, to the projection head's
     output [N, config['dim']] instead.
     """

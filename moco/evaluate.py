@@ -7,6 +7,7 @@ the classifiers are the numpy-level ones in `indexer.analysis`, so `moco eval` a
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,21 @@ def recalibrate_batchnorm(backbone: nn.Module, folder: ImageFolder, *, image_siz
         bn.momentum = 0.1
 
 
+def calibrated_copy(module: nn.Module, folder: ImageFolder, *, image_size: int, mean, std, device: torch.device,
+                    workers: int, max_images: int = 512, seed: int = 0) -> nn.Module:
+    """A copy of `module` whose batch-norm statistics are measured on `folder` (the module is
+    untouched): how the network before training is measured and shipped. Split batch norm is
+    set to one split in the copy, so the statistics are exact averages (its state dict is
+    a plain BatchNorm's either way)."""
+    copy = deepcopy(module)
+    for layer in copy.modules():
+        if hasattr(layer, "num_splits"):
+            layer.num_splits = 1
+    recalibrate_batchnorm(copy, folder, image_size=image_size, mean=mean, std=std, device=device, workers=workers,
+                          max_images=max_images, seed=seed)
+    return copy
+
+
 class KnnMonitor:
     """Weighted kNN top-1 of val features against labeled train features, during training.
 
@@ -107,13 +123,35 @@ class KnnMonitor:
         self.train, self.val = train, val
         self.options = dict(image_size=image_size, mean=mean, std=std, device=device, workers=workers,
                             channels_last=channels_last, precision=precision)
-        self.k, self.temperature = k, temperature
-        self.bank = subset(train.labeled, max_images, seed)
-        self.queries = subset(val.labeled, max_images, seed + 1)
+        self.k, self.temperature, self.seed = k, temperature, seed
+        if train.root.resolve() == val.root.resolve():
+            # --val is the training folder itself (the demo does this): queries and bank must not
+            # share an image, or each query finds itself, and every network scores alike.
+            half = len(val.labeled) // 2
+            self.queries = subset(val.labeled, min(max_images or half, half), seed + 1)
+            self.bank = subset(np.setdiff1d(train.labeled, self.queries), max_images, seed)
+        else:
+            self.bank = subset(train.labeled, max_images, seed)
+            self.queries = subset(val.labeled, max_images, seed + 1)
+
+    def shrink(self, images: int) -> bool:
+        """Use at most `images` bank and query images in all (a seeded subset of each, half
+        each): an evaluation's cost is proportional to them. True if it shrank."""
+        each = max(1, images // 2)
+        if len(self.bank) <= each and len(self.queries) <= each:
+            return False
+        self.bank = subset(self.bank, each, self.seed)
+        self.queries = subset(self.queries, each, self.seed + 1)
+        return True
 
     def describe(self) -> str:
         return (f"{len(self.bank)} of {len(self.train.labeled)} labeled training images as the bank, "
                 f"{len(self.queries)} of {len(self.val.labeled)} val images as queries")
+
+    def line(self) -> str:
+        """The monitor in one line, stored with the run's quality: what its scores mean."""
+        return (f"weighted kNN top-1, k={self.k}, {len(self.bank)} bank (training) / {len(self.queries)} query "
+                f"images, val folder '{self.val.root.name}'")
 
     @property
     def capped(self) -> bool:

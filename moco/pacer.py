@@ -43,7 +43,10 @@ MEASURE_MIN_STEPS = 3  # timed steps, at least
 MEASURE_FRACTION = 0.01  # time spent measuring: 1% of the budget ...
 MEASURE_MIN_S = 2.0  # ... but at least 2 s (a few GPU steps are too noisy to time) ...
 MEASURE_MAX_S = 20.0  # ... and at most 20 s
-MEASURE_GIVE_UP_FRACTION = 0.1  # very slow steps: plan with what is timed after 10% of what is left
+MEASURE_GIVE_UP_FRACTION = 0.1  # very slow steps: plan with what is timed after 10% of what is left ...
+MEASURE_GIVE_UP_MIN_STEPS = 2  # ... once at least 2 steps are timed (one step's time is mostly noise:
+# issue 17's 45 s run planned from one slow step at 10 img/s against a steady 100, and ended after 12 s) ...
+MEASURE_LIMIT_FRACTION = 0.25  # ... unless timing has taken a quarter of what was left: then plan with one
 
 # -- planning ---------------------------------------------------------------------------------
 SAFETY_MARGIN_FRACTION = 0.01  # plan to end 1% of the budget early: timing noise ...
@@ -51,16 +54,23 @@ FINISH_S = 3.0  # ... plus closing the logs, the loader and the interpreter afte
 CHECKPOINT_FIXED_S = 0.2  # checkpoint write estimate before one is timed: open, fsync, rename ...
 CHECKPOINT_BYTES_PER_S = 200e6  # ... plus the bytes at a modest disk speed
 MONITOR_MAX_SHARE = 0.1  # the kNN monitor may take at most 10% of the budget (fewer evaluations if dearer)
+MONITOR_MIN_IMAGES = 200  # ...with at least this many bank + query images: fewer leave a noise band
+# so wide that no short run could show it learned (the start and the end must fit in the share)
 
 # -- the safety net -----------------------------------------------------------------------------
 RECHECK_TOLERANCE = 0.02  # shorten the plan when the projected end is 2% of the budget late ...
 RECHECK_TOLERANCE_MIN_S = 2.0  # ... (at least 2 s, so timing noise in tiny runs is not chased) ...
 RECHECK_TOLERANCE_MAX_S = 15.0  # ... and at most 15 s, so a long run never ends much past its budget
 RECHECK_WINDOW_FRACTION = 0.05  # the pace is measured over the last 5% of the budget ...
-RECHECK_WINDOW_MIN_S = 10.0  # ... or the last 10 s, whichever is longer
+RECHECK_WINDOW_MIN_S = 5.0  # ... or the last 5 s, whichever is longer (a 45 s run has no 10 s to spare)
+RECHECK_EVERY_S = 2.0  # the pace is rechecked about every 2 s of steps (every step when steps are slower),
+# and at least every --log-every steps: a 4-step plan timed on slow first steps must be able to grow
+RECHECK_MIN_STEPS = 3  # the safety net judges the pace once 3 steps have run since the plan (one
+# step's time is noise), and from then on measures it since the plan: the timing steps, slow by
+# allocation or a busy start, are left out, so a plan timed on them grows to the budget
 TRUST_RECENT_WINDOWS = 4  # within 4 windows of the deadline the recent pace alone shortens the plan
 # (a late slowdown would not be averaged away in time); before that a dip must also show in the
-# pace since timing began, so one slow minute on a shared machine does not cut a schedule that
+# pace since the plan, so one slow minute on a shared machine does not cut a schedule that
 # cannot be lengthened again in its second half
 EXTEND_UNTIL_FRACTION = 0.5  # lengthen a plan that would end early (by more than the margin and the
 # tolerance) only in the first half of its schedule: later the LR is already decaying, and the
@@ -124,6 +134,13 @@ def recheck_tolerance(budget_s: float) -> float:
 def estimate_checkpoint_seconds(nbytes: int) -> float:
     """A checkpoint's write time before one has been timed: the plan must count them."""
     return CHECKPOINT_FIXED_S + nbytes / CHECKPOINT_BYTES_PER_S
+
+
+def monitor_images_that_fit(budget_s: float, forward_img_s: float) -> int:
+    """Bank + query images one kNN evaluation may use so that two of them (the start, which the
+    run must beat, and the end) stay within MONITOR_MAX_SHARE of the budget, at the measured
+    forward rate; never fewer than MONITOR_MIN_IMAGES."""
+    return max(MONITOR_MIN_IMAGES, math.floor(MONITOR_MAX_SHARE / 2 * budget_s * max(forward_img_s, 1e-9)))
 
 
 def plan_monitor_evals(requested: int, eval_s: float, budget_s: float) -> int:
@@ -358,10 +375,13 @@ class Pacer:
         self._stamps.append((step, now - self.overhead))
         skip = MEASURE_SKIP_STEPS_COMPILED if self.compiled else MEASURE_SKIP_STEPS
         timed = self._stamps[skip - 1:]  # from the end of the last untimed step
-        enough = (len(timed) - 1 >= MEASURE_MIN_STEPS
-                  and timed[-1][1] - timed[0][1] >= measure_seconds(budget))
-        give_up = now - self.loop_start >= max(2 * measure_seconds(budget),
-                                               MEASURE_GIVE_UP_FRACTION * (self.deadline - self.loop_start))
+        timed_steps = len(timed) - 1
+        enough = timed_steps >= MEASURE_MIN_STEPS and timed[-1][1] - timed[0][1] >= measure_seconds(budget)
+        # (the monitor's first evaluation may come before the timing: its time is not the steps')
+        spent, left = now - self.overhead - self.loop_start, self.deadline - self.loop_start
+        give_up = ((timed_steps >= MEASURE_GIVE_UP_MIN_STEPS
+                    and spent >= max(2 * measure_seconds(budget), MEASURE_GIVE_UP_FRACTION * left))
+                   or spent >= MEASURE_LIMIT_FRACTION * left)
         if not self.agree(float(enough or give_up), "max"):
             return None
         if len(timed) >= 2:
@@ -405,6 +425,14 @@ class Pacer:
         self._planned_at, self._eval_s, self._checkpoint_estimate = now, eval_s, checkpoint_s
         return steps
 
+    def recheck_due(self, step: int, log_every: int) -> bool:
+        """Whether the loop should call `recheck` after `step`: about every RECHECK_EVERY_S seconds
+        of steps at the timed pace (every step when a step takes longer), at least every
+        `log_every` steps. A function of the step and the agreed timed pace only, so every
+        process of a distributed run rechecks at the same steps."""
+        every = max(1, min(max(1, log_every), math.floor(RECHECK_EVERY_S / max(self.step_s, 1e-9))))
+        return step % every == 0
+
     def summary(self) -> str:
         """The plan in words, for the console."""
         plan, measured, steps = self.plan, self.plan.measured, self.plan.schedule_steps
@@ -421,9 +449,8 @@ class Pacer:
     # -- the safety net -----------------------------------------------------------------------------
     def start_safety_net(self, step: int) -> None:
         """The plan is made (and its first checkpoint written): from here `recheck` keeps the run
-        to the budget, measuring the pace from where the timing began."""
-        timed = self.timed_steps
-        self._planned_pace = (step - timed, self.clock() - self.overhead - timed * self.step_s)
+        to the budget, measuring the pace from here (the timing steps are left out)."""
+        self._planned_pace = (step, self.clock() - self.overhead)
         self._pace = deque([self._planned_pace])
         self._watching = True
 
@@ -443,9 +470,9 @@ class Pacer:
         first_step, first_busy = self._pace[0]
         recent_s = (busy - first_busy) / max(1, step - first_step)
         new_total = plan.total_steps
-        if step > first_step and plan.total_steps > step:
-            since_timing_s = (busy - self._planned_pace[1]) / max(1, step - self._planned_pace[0])
-            new_total = self.decide(step, now, recent_s=recent_s, since_timing_s=since_timing_s)
+        if step - self._planned_pace[0] >= RECHECK_MIN_STEPS and step > first_step and plan.total_steps > step:
+            since_plan_s = (busy - self._planned_pace[1]) / max(1, step - self._planned_pace[0])
+            new_total = self.decide(step, now, recent_s=recent_s, since_plan_s=since_plan_s)
         # Every process takes part (the same number of times), and all follow the most cautious.
         new_total = int(self.agree(new_total, "min"))
         if new_total == plan.total_steps:
@@ -456,12 +483,12 @@ class Pacer:
         plan.replans.append(change.record())
         return change
 
-    def decide(self, step: int, now: float, *, recent_s: float, since_timing_s: float) -> int:
+    def decide(self, step: int, now: float, *, recent_s: float, since_plan_s: float) -> int:
         """The plan's last step, given the seconds per step over the last few minutes
-        (`recent_s`) and since the timing began (`since_timing_s`), at time `now`.
+        (`recent_s`) and since the plan was made (`since_plan_s`), at time `now`.
 
-        Shortening follows the recent pace (the machine got slower) once the pace since timing
-        began agrees, or on its own near the deadline (TRUST_RECENT_WINDOWS). Lengthening is for
+        Shortening follows the recent pace (the machine got slower) once the pace since the plan
+        agrees, or on its own near the deadline (TRUST_RECENT_WINDOWS). Lengthening is for
         a plan timed on first steps that were slower than the steady state (a warming cache, a
         busy disk): it needs both paces to be ahead, plans with the slower of the two, and
         happens only while most of the schedule is ahead, so a noisy fast minute does not
@@ -471,10 +498,10 @@ class Pacer:
         tolerance = recheck_tolerance(budget)
         final_stretch = self.deadline - now <= TRUST_RECENT_WINDOWS * self._window()
         if self._projected_late(step, now, recent_s) > tolerance and (
-                final_stretch or self._projected_late(step, now, since_timing_s) > tolerance):
+                final_stretch or self._projected_late(step, now, since_plan_s) > tolerance):
             return min(plan.total_steps, step + self._steps_that_fit(step, now, recent_s))
         if plan.schedule_step(step) <= EXTEND_UNTIL_FRACTION * plan.schedule_steps:
-            step_s = max(recent_s, since_timing_s)
+            step_s = max(recent_s, since_plan_s)
             if -self._projected_late(step, now, step_s) > margin_seconds(budget) + tolerance:
                 return max(plan.total_steps, step + self._steps_that_fit(step, now, step_s))
         return plan.total_steps

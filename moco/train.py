@@ -12,6 +12,7 @@ the total they are computed over. The metrics file, progress and stop signals ar
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Collection
@@ -23,6 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from indexer.threads import available_cores
 from moco import distributed
 from moco.backbones import WIDTHS
 from moco.cache import training_cache
@@ -30,12 +32,17 @@ from moco.checkpoint import CHECKPOINT_NAME, checkpoint_bytes, restore_training_
 from moco.config import TrainConfig
 from moco.data import EpochBatches, ImageFolder, training_batches
 from moco.defaults import fit_to_plan
-from moco.evaluate import KnnMonitor
+from moco.evaluate import KnnMonitor, calibrated_copy
 from moco.model import MoCo
 from moco.optim import build_optimizer
-from moco.pacer import Pacer, Plan, Replan, format_duration
+from moco.pacer import MONITOR_MAX_SHARE, Pacer, Plan, Replan, format_duration, monitor_images_that_fit
 from moco.precision import resolve_precision
+from moco.quality import QualityTracker, cpu_copy
 from moco.runlog import MetricsLog, Progress, StopFlag, TrainingDiverged, TrainingStopped, tidy_run_dir
+
+CALIBRATION_IMAGES = 512
+"""Training images whose batch-norm statistics calibrate the network measured at the start (and
+whose forward pass times the monitor's cost for a budget run)."""
 
 
 class Trainer:
@@ -54,6 +61,8 @@ class Trainer:
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+        if device.type == "cpu":  # one thread per core this process may use: spinning extra threads cost far more
+            torch.set_num_threads(max(1, available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -119,6 +128,17 @@ class Trainer:
             if self.monitor.capped and world.is_main:
                 tqdm.write(f"kNN monitor: {self.monitor.describe()} (--knn-max-images "
                            f"{config.knn_max_images}; 0 uses all)")
+        # -- what the run ships (moco.quality): the network before training, the best one seen
+        self.quality = QualityTracker(self.monitor.line() if self.monitor else None,
+                                      len(self.monitor.queries) if self.monitor else 0)
+        if state is not None and state.get("monitor"):
+            saved_queries = int(state["monitor"].get("queries") or 0)
+            if self.monitor is not None and 0 < saved_queries < len(self.monitor.queries):
+                self.monitor.shrink(2 * saved_queries)  # the same seeded subset the first session scored on
+                self.quality.monitor, self.quality.queries = self.monitor.line(), len(self.monitor.queries)
+            self.quality.load_state_dict(state["monitor"], self.model.encoder_q)
+        self.start_eval_s: float | None = None  # one monitor evaluation's price, timed at the start
+        self.last_quality: dict[str, Any] | None = None  # as the last checkpoint stored it
         if world.is_main:
             tidy_run_dir(run_dir, resuming=state is not None)
         self.metrics = MetricsLog(run_dir, resume_step=self.progress.step if state is not None else None) \
@@ -136,6 +156,8 @@ class Trainer:
         self._mark = self.started  # the first session's time counts from process start
         last_checkpoint = time.monotonic()
         with StopFlag() as stop:
+            if self.monitor is not None and not self.quality.has_start and (progress.step == 0 or not plan.planned):
+                self._measure_start()  # before any step changes the weights (timing steps run at LR 0)
             while not self._done():
                 self.sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
                 epoch_batches = self.sampler.batches_per_epoch()
@@ -176,7 +198,7 @@ class Trainer:
                             self._make_plan()
                             bar.set_description(self._epoch_label())
                             last_checkpoint = time.monotonic()
-                    elif stepped and progress.step % config.log_every == 0:
+                    elif stepped and self.pacer.recheck_due(progress.step, config.log_every):
                         self._replanned(self.pacer.recheck(progress.step))
                     # evaluate
                     if stepped and plan.eval_due(progress.step):
@@ -285,7 +307,7 @@ class Trainer:
                 and (p.epoch % self.config.eval_every == 0 or p.epoch == self.config.epochs)):
             began = time.monotonic()
             if self.world.is_main:
-                record["knn_top1"] = self.monitor(self.model.encoder_q.backbone)
+                record["knn_top1"] = self._score()
             distributed.barrier()
             self.pacer.set_aside(time.monotonic() - began)
         self._account_time()
@@ -315,10 +337,12 @@ class Trainer:
         """Fit the steps to the budget, adjust the defaults to them, print and store the plan."""
         config, plan, p = self.config, self.plan, self.progress
         eval_s = 0.0
-        if self.monitor is not None:  # the curve's first point, and the price of one evaluation
-            began = time.monotonic()
-            self._evaluate()
-            eval_s = distributed.reduce_over_ranks(time.monotonic() - began, "max", device=self.device)
+        if self.monitor is not None:  # the price of one evaluation: timed at the start, else now
+            if self.start_eval_s is None:
+                began = time.monotonic()
+                self._evaluate()
+                self.start_eval_s = time.monotonic() - began
+            eval_s = distributed.reduce_over_ranks(self.start_eval_s, "max", device=self.device)
         steps = self.pacer.make_plan(p.step, eval_s=eval_s, evals_wanted=config.monitor_evals,
                                      state_bytes=checkpoint_bytes(self.model, self.optimizer))
         notes = fit_to_plan(config, self.explicit, num_images=len(self.folder.refs), planned_steps=steps,
@@ -357,7 +381,7 @@ class Trainer:
         p = self.progress
         record: dict[str, Any] = {"kind": "eval", "step": p.step, "epoch": p.epoch}
         if self.world.is_main:
-            record["knn_top1"] = self.monitor(self.model.encoder_q.backbone)
+            record["knn_top1"] = self._score()
         distributed.barrier()
         record["time"] = self._now()
         if self.world.is_main:
@@ -367,6 +391,64 @@ class Trainer:
             self._plot()
         self.pacer.set_aside(time.monotonic() - began)
         return record.get("knn_top1")
+
+    def _score(self) -> float:
+        """The monitor on the current network; a new best is copied (moco.quality). The monitor
+        observes only: it runs on a forked random generator, so a run trains alike with or
+        without --val."""
+        with torch.random.fork_rng(devices=[]):
+            score = self.monitor(self.model.encoder_q.backbone)
+        self.quality.observe(self.progress.step, score, self.model.encoder_q)
+        return score
+
+    def _measure_start(self) -> None:
+        """The monitor on the network before training: the figure the run must beat to ship its
+        own weights. Batch-norm statistics of a fresh network are 0 and 1, which would cripple
+        it (and flatter any trained one), so it is measured, and kept, as a copy whose statistics
+        are measured on the training images, like `moco eval --random-init`."""
+        config, p = self.config, self.progress
+        began = time.monotonic()
+        self.start_eval_s = 0.0
+        if self.world.is_main:
+            with torch.random.fork_rng(devices=[]):
+                start = calibrated_copy(self.model.encoder_q, self.folder, image_size=config.image_size,
+                                        mean=config.mean, std=config.std, device=self.device,
+                                        workers=config.workers, seed=config.seed, max_images=CALIBRATION_IMAGES)
+                calibrated = time.monotonic()
+                self._fit_monitor_to_budget(min(CALIBRATION_IMAGES, len(self.folder.refs)) / (calibrated - began))
+                score = self.monitor(start.backbone)
+            self.start_eval_s = time.monotonic() - calibrated
+            self.quality.observe_start(p.step, score, cpu_copy(start))
+            del start
+            self.metrics.write({"kind": "eval", "step": p.step, "epoch": p.epoch, "knn_top1": score, "start": True,
+                                "time": self._now()})
+            tqdm.write(f"kNN top-1 {score:.4f} at the start (the random network, batch-norm statistics measured "
+                       f"on the training images): the run ships its own weights only if it beats this by more "
+                       f"than {self.quality.margin():.3f}")
+        distributed.barrier()
+        self.pacer.set_aside(time.monotonic() - began)
+
+    def _fit_monitor_to_budget(self, forward_img_s: float) -> None:
+        """A budget run's monitor uses no more images than two evaluations can afford within the
+        monitor's share of the budget (moco.pacer), at the forward rate the batch-norm calibration
+        just measured: a 45-second run must not spend itself measuring."""
+        if self.plan.mode != "budget" or self.plan.budget_s is None:
+            return
+        images = monitor_images_that_fit(self.plan.budget_s, forward_img_s)
+        if self.monitor.shrink(images):
+            self.quality.monitor, self.quality.queries = self.monitor.line(), len(self.monitor.queries)
+            tqdm.write(f"kNN monitor: {self.monitor.describe()}, to keep its evaluations within "
+                       f"{MONITOR_MAX_SHARE:.0%} of the {format_duration(self.plan.budget_s)} budget at "
+                       f"{forward_img_s:.0f} img/s")
+
+    def length_in_words(self) -> str:
+        """The run's length for the quality's reason: 'the 2m30s budget (10 training steps)'."""
+        plan, step = self.plan, self.progress.step
+        if plan.mode == "budget":
+            trained = max(0, step - plan.schedule_start) if plan.planned else 0
+            return f"the {format_duration(plan.budget_s)} budget ({trained} training step{'s' * (trained != 1)})"
+        epochs = self.progress.epoch
+        return f"{epochs} epoch{'s' * (epochs != 1)} ({step} step{'s' * (step != 1)})"
 
     def _plot(self) -> None:
         config = self.config
@@ -385,16 +467,26 @@ class Trainer:
     def save(self) -> None:
         if not self.world.is_main:  # one writer: rank 0 holds the same state as every rank
             return
+        quality = self.last_quality = self.quality.decide(self.progress.step, self.length_in_words())
         state = training_state(self.config, model=self.model, optimizer=self.optimizer, progress=self.progress,
-                               plan=self.plan, device=self.device, folder=self.folder, val=self.val)
+                               plan=self.plan, device=self.device, folder=self.folder, val=self.val,
+                               quality=quality, shipped_encoder=self.quality.shipped_weights(quality),
+                               monitor=self.quality.state_dict(self.progress.step) if self.quality.measured else None)
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, state)
 
     # -- stop ----------------------------------------------------------------------------------
     def _finish(self) -> None:
-        """Budget runs end on a step, often mid-epoch: a closing record and the final checkpoint."""
+        """The final network is always measured (the quality decides what ships from it); budget
+        runs end on a step, often mid-epoch: a closing record and the final checkpoint."""
+        p = self.progress
+        trained = self.plan.mode == "epochs" or (self.plan.planned and p.step > self.plan.schedule_start)
+        # (a budget run with no training step has the start's weights: nothing new to measure)
+        if self.monitor is not None and self.quality.last_step != p.step and trained:
+            self._evaluate()
+            if self.plan.mode == "epochs":
+                self.save()
         if self.plan.mode != "budget":
             return
-        p = self.progress
         self._account_time()
         if self.metrics is not None:
             self.metrics.write({"kind": "done", "step": p.step, "epoch": p.epoch,

@@ -16,11 +16,11 @@ import pandas as pd
 import streamlit as st
 
 from app import builds, jobs, markup, roots, state
-from app.components import job_stages
+from app.components import job_stages, quality_banner
 from indexer import ann, store
 from indexer.collection import Collection
 from indexer.embed import ModelError
-from indexer.models import model_info
+from indexer.models import describe_precision, model_info
 
 SESSION_JOBS = "collection_page_jobs"
 
@@ -37,6 +37,7 @@ def show_summary(collection: Collection) -> None:
     counts = manifest["counts"]
     st.title(markup.md(collection.directory.name))
     st.caption(f"Collection {markup.code(collection.directory)} · images from {markup.code(collection.image_root)}")
+    quality_banner(collection)
     cells = st.columns(4)
     cells[0].metric("Indexed images", f"{counts['indexed']:,}")
     cells[1].metric("Skipped files", f"{counts['skipped']:,}")
@@ -44,20 +45,38 @@ def show_summary(collection: Collection) -> None:
     cells[3].metric("Generation", f"{collection.generation}")
 
 
-def show_model(collection: Collection) -> None:
+def model_rows(collection: Collection) -> dict[str, str]:
+    """What the model table says, plain text (property -> value); the quality rows come from the
+    trainer's record (:mod:`indexer.quality`)."""
     manifest = collection.manifest
     props = manifest["model"]["props"]
-    st.subheader("Model")
+    measured = collection.quality
     rows = {
         "architecture": f"{props.get('moco.arch', '?')} ({props.get('moco.preset', '?')})",
         "image size": f"{props.get('moco.image_size', '?')} px ({props.get('moco.resize', '?')})",
         "embedding size": props.get("moco.embedding_dim", str(collection.dim)),
         "trained on": props.get("moco.train_data", "?"),
+        "training quality": measured.summary(),
+    }
+    if measured.monitor:
+        rows["quality monitor"] = measured.monitor
+    rows.update({
         "checkpoint sha256": props.get("moco.checkpoint_sha256", "?")[:16],
         "model sha256": manifest["model"]["sha256"][:16],
+        "precision": describe_precision(props),  # the variant that made the vectors (fp32, int8)
         "model file": f"{manifest['model_file']} (from {manifest['model'].get('source', '?')})",
-    }
-    st.table(pd.DataFrame({"": list(rows.values())}, index=list(rows.keys())))
+    })
+    return rows
+
+
+def show_model(collection: Collection) -> None:
+    st.subheader("Model")
+    rows = model_rows(collection)
+    # A two-column description list: property names bold, no header row. st.table renders
+    # markdown in cells, and values come from the model file and the disk, so they are escaped.
+    frame = pd.DataFrame({"property": [f"**{markup.md(k)}**" for k in rows],
+                          "value": [markup.md(v) for v in rows.values()]})
+    st.table(frame, hide_index=True, hide_header=True, alt="The model that made this collection's vectors")
 
 
 def show_index(collection: Collection) -> None:

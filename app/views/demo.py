@@ -8,8 +8,9 @@ from __future__ import annotations
 import streamlit as st
 
 from app import demo, jobs, markup, state
-from app.components import job_stages
+from app.components import add_quality_note, job_stages
 from app.jobs import Job
+from indexer import store
 
 WELCOME = (
     "There is no collection yet, so the app is building its **built-in demo**: the 1,797 handwritten "
@@ -22,6 +23,22 @@ WELCOME = (
 def draw(job: Job) -> None:
     job_stages(job)
     st.caption(f"{job.seconds:.0f} s so far" if job.status == "running" else f"took {job.seconds:.0f} s")
+
+
+def not_learned_note(paths: demo.DemoPaths, train_seconds: int) -> str | None:
+    """What to say when the demo's training ended no better than its random start (its trainer's
+    kNN monitor decides, recorded in the model), with how to train it longer; None otherwise."""
+    try:
+        measured = state.open_collection(paths.collection).quality
+    except (store.CollectionError, OSError, ValueError):
+        return None  # the next page says what is wrong with the collection
+    if not measured.doubtful:
+        return None
+    leftovers = ", ".join(markup.code(p) for p in (paths.run, paths.model, paths.collection))
+    return (f"The demo's {train_seconds} s training did not beat its random start on this computer "
+            f"({markup.md(measured.summary())}), so the demo shows what an untrained network does. To train "
+            f"longer, delete {leftovers} and start the app with `-- --demo-train-seconds 600`, or run "
+            "`python -m app.demo --train-seconds 600`.")
 
 
 def render() -> None:
@@ -40,6 +57,10 @@ def render() -> None:
         draw(current)
         if current.status == "done" and state.is_collection(paths.collection):
             st.success("The demo is ready.")
+            note = not_learned_note(paths, cfg.demo_train_seconds or demo.DEMO_TRAIN_SECONDS)
+            if note is not None:  # shown here, and by the quality banner of the page that opens next
+                st.warning(note)
+                add_quality_note(str(paths.collection.resolve()), note)
             st.rerun(scope="app")
         elif current.status in ("failed", "cancelled"):
             st.error(f"The demo build stopped: {markup.md(current.error or current.status)}. "

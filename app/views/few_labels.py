@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from app import fewlabels, markup, state
-from app.components import Tile, tile_grid
+from app.components import Tile, quality_banner, tile_grid
 from indexer.collection import Collection
 from indexer.fewlabel import LabelBudget
 
@@ -93,14 +93,22 @@ def evaluation_settings(view: View, labels: fewlabels.FolderLabels) -> EvalSetti
     return saved
 
 
-def show_headline(evaluation: fewlabels.Evaluation, budget: LabelBudget) -> None:
+def show_headline(evaluation: fewlabels.Evaluation, budget: LabelBudget, baseline: fewlabels.TrainingBaseline) -> None:
+    """The page's accuracy and, beside it, the random-network baseline the trainer measured (its
+    own kNN monitor, named as such: a different measure from the page's)."""
     runs = evaluation.runs
     accs = evaluation.accuracies
-    st.metric(f"Accuracy on the remaining images ({budget.name})", f"{evaluation.mean:.1%}",
-              help="Mean over seeds of the share of unlabelled images classified into their own folder.")
+    left, right = st.columns(2)
+    left.metric(f"Accuracy on the remaining images ({budget.name})", f"{evaluation.mean:.1%}",
+                help="Mean over seeds of the share of unlabelled images classified into their own folder.")
+    if baseline.shipped is not None and baseline.gain is not None:
+        right.metric("Trainer's kNN monitor: shipped model", f"{baseline.shipped:.1%}",
+                     delta=f"{100 * baseline.gain:+.1f} points vs the random network ({baseline.random_start:.1%})",
+                     help="Measured at training time on the trainer's validation images, not by this page.")
     spread = f"± {evaluation.std:.1%} over {len(runs)} seeds (from {min(accs):.1%} to {max(accs):.1%})" \
         if len(runs) > 1 else "one seed"
     st.caption(f"{spread}; {runs[0].train.size:,} images labelled, {runs[0].test.size:,} classified per seed.")
+    st.caption(baseline.caption)
 
 
 def show_curve(view: View, classifiers: tuple[str, ...], n_seeds: int) -> None:
@@ -111,6 +119,23 @@ def show_curve(view: View, classifiers: tuple[str, ...], n_seeds: int) -> None:
         st.plotly_chart(fewlabels.curve_figure(points), key=view.key("curve"))
         st.caption("Error bars: one standard deviation over seeds. Budgets: "
                    + ", ".join(dict.fromkeys(p.budget.name for p in points)) + ".")
+
+
+def show_selection(view: View, n_seeds: int) -> None:
+    """How much the choice of images to label matters: the interactive mode's suggestions against
+    random picks, replayed round by round on the folder labels (on request: it refits per round)."""
+    st.subheader("Which images to label")
+    st.caption("Replays labelling rounds (one image per class each) with the folder labels: random picks, "
+               "k-means centres, and the interactive mode's suggestions (k-means first, then the images the "
+               "classifier is least sure of, spread out). Accuracy of the weighted kNN on the images not labelled.")
+    if not st.toggle("Compare the ways of choosing", key=view.key("compare-selection")):
+        return
+    with st.spinner("Replaying labelling rounds…"):
+        results = fewlabels.selection_comparison(view.collection, view.directory, view.collection.generation,
+                                                 n_seeds)
+    st.plotly_chart(fewlabels.selection_figure(results), key=view.key("selection"))
+    st.caption(f"Error bars: one standard deviation over {n_seeds} seeds; at most "
+               f"{fewlabels.SELECTION_MAX_ITEMS:,} images (a seeded sample).")
 
 
 def show_classes(view: View, evaluation: fewlabels.Evaluation) -> None:
@@ -159,9 +184,10 @@ def evaluation_mode(view: View, labels: fewlabels.FolderLabels) -> None:
     except ValueError as exc:
         st.error(f"Cannot evaluate: {markup.md(exc)}")
         return
-    show_headline(evaluation, budget)
+    show_headline(evaluation, budget, fewlabels.training_baseline(view.collection.quality))
     chosen = tuple(fewlabels.classifiers_for(len(labels.rows))) if settings.compare else (settings.classifier,)
     show_curve(view, chosen, settings.n_seeds)
+    show_selection(view, settings.n_seeds)
     show_classes(view, evaluation)
     show_mistakes(view, evaluation)
 
@@ -203,7 +229,10 @@ def label_suggestions(view: View, frame: pd.DataFrame, labelled: dict[int, str])
         st.caption("Every image has a label.")
         return
     known = sorted(set(labelled.values()))
-    st.caption("One image per region of the embedding space, regions without labels first. "
+    how = ("The images the classifier trained on your labels is least sure of, spread over the collection "
+           "(uncertainty with diversity): each label there teaches it most. " if len(known) >= 2 else
+           "One image per region of the embedding space, regions without labels first. ")
+    st.caption(how
                + (f"Labels so far: {markup.md(', '.join(known))}. " if known
                   else "Type a label under each (or leave it empty). ")
                + "Nothing is stored until you press Save labels.")
@@ -234,9 +263,9 @@ def suggested_grid(view: View, n: int, labelled: dict[int, str]) -> list[int]:
     wanted = (view.collection.generation, n, int(st.session_state.get(view.key("round"), 0)))
     held = st.session_state.get(view.key("grid"))
     if held is None or held[0] != wanted:
-        with st.spinner("Choosing images spread over the collection…"):
+        with st.spinner("Choosing the images to label next…"):
             ids = fewlabels.suggestions(view.collection, view.directory, wanted[0], n, wanted[2],
-                                        tuple(sorted(labelled)))
+                                        tuple(sorted(labelled.items())))
         held = (wanted, tuple(ids))
         st.session_state[view.key("grid")] = held
     return list(held[1])
@@ -306,6 +335,7 @@ def render() -> None:
     """Draw the page. Streamlit runs this file as ``__main__`` (below); importing it draws nothing."""
     view = View.of(state.require_collection())
     st.title("Few labels")
+    quality_banner(view.collection)
     folder = fewlabels.folder_labels(state.item_table(view.collection).frame)
     if len(np.unique(folder.y)) < 2:
         st.info("Fewer than two folder labels (IMAGE_DIR/LABEL/…), so nothing to evaluate against: "

@@ -14,7 +14,7 @@ import numpy.typing as npt
 import streamlit as st
 
 from app import mapview, markup, state
-from app.components import Tile, tile_grid
+from app.components import Tile, quality_banner, tile_grid
 from indexer.analysis import kmeans_labels
 from indexer.collection import Collection
 from indexer.fewlabel import has_label
@@ -98,6 +98,7 @@ def render() -> None:
     table = state.item_table(collection)
     frame = table.frame
     st.title("Map")
+    quality_banner(collection)
     if not len(frame):
         st.info("This collection has no indexed images yet.")
         return

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app import markup, state
-from app.components import Tile, tile_grid
+from app.components import Tile, quality_banner, tile_grid
 from app.minimap import MiniMap, draw_background, with_star
 from app.query import MAX_UPLOAD_MB, UPLOAD_TYPES, UploadError, embed_upload
 from indexer.collection import Collection
@@ -95,8 +95,15 @@ def show_neighbours(collection: Collection, query: state.Query) -> None:
     else:
         hits = collection.search_vector(query.vector, k)
     st.subheader(f"Top {len(hits)} neighbours")
-    tiles = [Tile(h.id, [f"**{h.score:.3f}** · {markup.md(h.label or 'unlabeled')}",
-                         markup.code(h.path.rsplit("/", 1)[-1])]) for h in hits]
+    stats = collection.neighbour_stats()
+    if stats is not None:
+        # A raw cosine means little on its own (a weak model puts everything above 0.95): say where
+        # each match stands among this collection's own nearest neighbours (indexer.scores).
+        st.caption("How close each match is, measured against how close the images of this collection are to "
+                   "their own nearest neighbour; the cosine similarity is the raw score.")
+    tiles = [Tile(h.id, ([f"**{markup.md(stats.describe(h.score))}**"] if stats is not None else [])
+                  + [f"cosine {h.score:.3f} · {markup.md(h.label or 'unlabeled')}",
+                     markup.code(h.path.rsplit("/", 1)[-1])]) for h in hits]
     clicked = tile_grid(collection, tiles, key="hits", columns=5)
     if clicked is not None:
         use_item(collection, clicked)
@@ -110,6 +117,7 @@ def render() -> None:
     props = collection.manifest["model"]["props"]
     st.caption(f"{markup.md(collection.directory.name)}: {len(collection):,} images · "
                f"model {markup.md(props.get('moco.arch', '?'))} at {markup.md(props.get('moco.image_size', '?'))} px")
+    quality_banner(collection)
     _ = collection.model  # load the ONNX session now (once per process), not on the first upload
     query = state.current_query(collection) or state.default_query(collection)
     if query is None:

@@ -76,9 +76,12 @@ def test_counts_model_index_and_skipped_files(bad_collection: tuple[Path, dict[s
     assert _metric(at, "Indexed images") == "19"
     assert _metric(at, "Skipped files") == str(len(expected))
     assert _metric(at, "Generation") == "1"
-    model_table = at.table[0].value
-    assert model_table.loc["architecture"].iloc[0] == "tiny-projection (test)"
-    assert model_table.loc["image size"].iloc[0].startswith("32 px")
+    model_table = at.table[0]
+    assert model_table.proto.hide_header and model_table.proto.hide_index  # a description list, no empty header
+    rows = {plain(k).strip("*"): plain(v) for k, v in model_table.value.itertuples(index=False)}
+    assert rows["architecture"] == "tiny-projection (test)"
+    assert rows["image size"].startswith("32 px")
+    assert rows["training quality"].startswith("not measured: ")
     assert any("recall@10" in m.value or "Flat" in m.value for m in at.markdown)  # the recipe, described
     assert any("CPUExecutionProvider" in m.value for m in at.markdown)
     by_reason, files = (d.value for d in at.dataframe)

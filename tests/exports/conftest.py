@@ -42,3 +42,16 @@ def checkpoint(tmp_path_factory, images) -> Path:
                       "--image-size", str(IMAGE_SIZE), "--workers", "0", "--batch-size", "8"])
     assert code == 0
     return run / "checkpoint.pt"
+
+
+def with_quality(checkpoint: Path, out: Path, quality: dict | None) -> Path:
+    """A copy of ``checkpoint`` carrying the trainer's ``quality`` record (moco.checkpoint's
+    contract), or none at all (a checkpoint written before quality was recorded)."""
+    from moco.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    state.pop("quality", None)
+    if quality is not None:
+        state["quality"] = quality
+    save_checkpoint(out, state)
+    return out

@@ -66,7 +66,8 @@ def test_model_signature_and_metadata(model_fp32, checkpoint, images):
     assert out.name == "embeddings" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert out.type.tensor_type.shape.dim[1].dim_value == 512
     props = {p.key: p.value for p in model.metadata_props}
-    assert sorted(props) == sorted(METADATA_KEYS)
+    assert sorted(props) == sorted([*METADATA_KEYS, "moco.precision"])  # + the variant, fp32 here
+    assert props["moco.precision"] == "fp32"
     assert props["moco.image_size"] == "32" and props["moco.embedding_dim"] == "512"
     assert props["moco.arch"] == "resnet18" and props["moco.preset"] == "v2"
     assert props["moco.resize"] == "short_side=37;center_crop=32"
@@ -137,11 +138,16 @@ def test_int8_with_calibration(tmp_path, checkpoint, images, model_fp32, capsys)
     assert verify.row_cosines(got, want).mean() > 0.98
 
 
-def test_int8_refuses_without_calibration(tmp_path, checkpoint, capsys):
-    out = tmp_path / "int8.onnx"
-    assert main([str(checkpoint), "-o", str(out), "--int8"]) == 2
-    assert_one_line_error(capsys, "--calibration")
-    assert list(tmp_path.iterdir()) == []
+def test_int8_refuses_without_calibration_when_the_training_folder_is_gone(tmp_path, checkpoint, capsys):
+    state = load_checkpoint(checkpoint)
+    state["data"]["root"] = str(tmp_path / "moved-away")
+    moved = tmp_path / "run" / "checkpoint.pt"
+    moved.parent.mkdir()
+    save_checkpoint(moved, state)
+    out = tmp_path / "models" / "int8.onnx"
+    assert main([str(moved), "-o", str(out), "--int8"]) == 2
+    assert_one_line_error(capsys, f"{tmp_path / 'moved-away'}, is gone; give --calibration")
+    assert not (tmp_path / "models").exists()
 
 
 def test_fp16(tmp_path, checkpoint, model_fp32):

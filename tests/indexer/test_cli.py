@@ -94,7 +94,7 @@ def test_end_to_end(tmp_path, capsys, tiny_model, image_dir):
     assert "indexed     19 items" in out and "recall@10 1.000" in out
     assert main(["search", str(col), str(image_dir / "class1" / "img02.jpg"), "-k", "3", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
-    assert len(hits) == 3 and set(hits[0]) == {"id", "path", "score", "label"}
+    assert len(hits) == 3 and set(hits[0]) == {"id", "path", "score", "label", "closeness"}
     assert hits[0]["path"] == "class1/img02.jpg" and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     assert main(["info", str(col)]) == 0
     assert "recall@10" in capsys.readouterr().out

@@ -29,6 +29,15 @@ def test_defaults_fit_momentum_queue_and_warmup_to_a_short_plan():
     assert tiny.moco_m == 0.9  # the floor
 
 
+def test_a_plan_too_short_to_learn_is_said_so_and_keeps_its_recipe():
+    config = build_config({})
+    notes = fit_to_plan(config, set(), num_images=1797, planned_steps=10, steps_per_epoch=14)
+    assert notes[-1].startswith("10 planned steps: runs this short were measured to end below the random")
+    assert config.base_lr == build_config({}).base_lr  # the measured rates only lost less: left alone
+    assert not any("runs this short" in n for n in fit_to_plan(build_config({}), set(), num_images=1797,
+                                                                planned_steps=20, steps_per_epoch=14))
+
+
 def test_defaults_keep_what_the_user_set_and_what_a_long_run_needs():
     config = build_config({"moco_m": 0.999, "queue_size": 65536})
     notes = fit_to_plan(config, {"moco_m", "queue_size"}, num_images=100_000, planned_steps=511, steps_per_epoch=390)

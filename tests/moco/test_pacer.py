@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 
 import moco.pacer
 from moco.__main__ import main
-from moco.checkpoint import load_checkpoint
+from moco.checkpoint import load_checkpoint, quality_of
 from moco.config import build_config
 from moco.pacer import (
     Pacer,
@@ -172,21 +173,26 @@ def test_the_pacer_times_steps_after_the_first_ones_and_leaves_evaluations_out()
     assert plan.lr(12, build_config({})) > 0.0
 
 
-def test_very_slow_steps_end_the_timing_early():
-    # a 1000 s budget times for at most 10% of what is left after the loop started: 100 s
+def test_very_slow_steps_end_the_timing_early_but_never_on_one_step():
+    # a 1000 s budget times for at most 10% of what is left after the loop started (100 s), once
+    # two steps past the untimed first ones are timed: one step's time is too noisy to plan on
     clock = FakeClock(0.0)
     pacer = Pacer(Plan.for_budget(1000.0, 10), clock=clock, started=0.0, batch_size=8, checkpoint_every_s=600,
                   monitor=False)
-    clock.now = 60.0
-    assert pacer.time_step(1) is None
-    clock.now = 120.0
-    assert pacer.time_step(2) == 60.0 and pacer.timed_steps == 1  # the last step's time
+    for step in (1, 2, 3):
+        clock.now = 60.0 * step
+        assert pacer.time_step(step) is None  # 180 s in, but only one step timed
+    clock.now = 240.0
+    assert pacer.time_step(4) == 60.0 and pacer.timed_steps == 2
 
+    # steps so slow that timing two would take over a quarter of the budget: plan with what there is
     clock = FakeClock(0.0)
     pacer = Pacer(Plan.for_budget(1000.0, 10), clock=clock, started=0.0, batch_size=8, checkpoint_every_s=600,
                   monitor=False)
     clock.now = 150.0
-    assert pacer.time_step(1) == 150.0  # one step in all: its whole time, the loop's start included
+    assert pacer.time_step(1) is None
+    clock.now = 300.0
+    assert pacer.time_step(2) == 150.0 and pacer.timed_steps == 1
 
 
 def test_the_slowest_process_sets_the_pace_and_the_fewest_steps_win():
@@ -245,7 +251,7 @@ def test_a_passing_dip_shortens_only_near_the_deadline():
 
     # mid-run, 3 s per step over the last minute but 1.1 s per step since timing began: a dip on a
     # shared machine, not a slower machine; the plan (which cannot grow again later) is kept
-    assert pacer.decide(420, 460.0, recent_s=3.0, since_timing_s=460 / 420) == 900
+    assert pacer.decide(420, 460.0, recent_s=3.0, since_plan_s=460 / 420) == 900
     # the same, measured by the pacer: on pace to step 480 (past half: not lengthened), then 20
     # steps at 3 s per step
     clock.now = 480.0
@@ -291,8 +297,72 @@ def test_the_safety_net_lengthens_a_plan_timed_on_slow_first_steps_only_early():
     # a fast last stretch alone does not lengthen: the pace since timing began must agree
     pacer, clock = planned_pacer(total_steps=550, timed_img_per_s=4.0)
     # 1 s per step lately, 1.9 s per step since timing began
-    assert pacer.decide(100, 190.0, recent_s=1.0, since_timing_s=1.9) == 550
-    assert pacer.decide(100, 190.0, recent_s=1.0, since_timing_s=1.0) > 550  # (both fast: lengthened)
+    assert pacer.decide(100, 190.0, recent_s=1.0, since_plan_s=1.9) == 550
+    assert pacer.decide(100, 190.0, recent_s=1.0, since_plan_s=1.0) > 550  # (both fast: lengthened)
+
+
+def run_on_fake_clock(budget_s: float, step_seconds, *, loop_start: float = 8.0,
+                      checkpoint_s: float = 0.3) -> tuple[int, float, Plan]:
+    """Drive a Pacer as `moco.train` does (time the first steps, plan, write a checkpoint, then
+    recheck when due) with steps that take `step_seconds(step, now)` on a fake clock; returns
+    the steps done, the end (final checkpoint written) in seconds since process start, and the plan."""
+    clock = FakeClock(loop_start)
+    plan = Plan.for_budget(budget_s, steps_per_epoch=4)
+    pacer = Pacer(plan, clock=clock, started=0.0, batch_size=256, checkpoint_every_s=600, monitor=False)
+    step = 0
+    while not plan.planned:
+        step += 1
+        clock.now += step_seconds(step, clock.now)
+        if pacer.time_step(step) is not None:
+            pacer.make_plan(step, eval_s=0.0, evals_wanted=0, state_bytes=0)
+            clock.now += checkpoint_s
+            pacer.checkpoint_written(checkpoint_s)
+            pacer.start_safety_net(step)
+    while step < plan.total_steps:
+        step += 1
+        clock.now += step_seconds(step, clock.now)
+        if pacer.recheck_due(step, log_every=10):
+            pacer.recheck(step)
+    return step, clock.now + checkpoint_s, plan
+
+
+def test_slow_first_steps_then_fast_use_the_whole_budget():
+    # issue 17: a 45 s budget timed on slow first steps (2.5 s, a busy start) planned a few
+    # steps and ended after 12 s; the steady pace (0.6 s) must fill the budget instead
+    steps, end, plan = run_on_fake_clock(45.0, lambda step, now: 2.5 if step <= 4 else 0.6)
+    assert plan.measured["timed_steps"] >= 2
+    assert plan.replans and plan.replans[0]["was"] < plan.replans[-1]["total_steps"]
+    assert 45.0 - margin_seconds(45.0) - 2.0 <= end <= 45.0, end
+    assert steps >= 35  # ~ (45 - 8 s start-up - timing - margin) / 0.6
+    # a 150 s budget whose timing steps took 12 s each and the rest 2.3 s
+    steps, end, _ = run_on_fake_clock(150.0, lambda step, now: 12.0 if step <= 3 else 2.3)
+    assert 150.0 - margin_seconds(150.0) - 3.0 <= end <= 150.0, end
+
+
+def test_a_machine_that_slows_down_still_ends_on_time():
+    steps, end, plan = run_on_fake_clock(300.0, lambda step, now: 1.0 if now < 150 else 3.0)
+    assert plan.replans and plan.replans[0]["total_steps"] < plan.replans[0]["was"]
+    assert 300.0 - margin_seconds(300.0) - 10.0 <= end <= 300.0, end
+
+
+def test_a_busy_machine_uses_the_budget_and_ends_on_time():
+    # a second training process comes and goes: each step takes 1, 3 or 8 s at random
+    rng = random.Random(0)
+    steps, end, plan = run_on_fake_clock(180.0, lambda step, now: rng.choice([1.0, 3.0, 8.0]))
+    assert 0.85 * 180.0 <= end <= 180.0 + 8.0, end  # at worst one step past the deadline
+    rng = random.Random(1)
+    steps, end, plan = run_on_fake_clock(600.0, lambda step, now: rng.uniform(2.0, 20.0))
+    assert 0.85 * 600.0 <= end <= 600.0 + 20.0, end
+
+
+def test_the_pace_is_rechecked_every_step_when_steps_are_slow():
+    pacer, _ = planned_pacer(total_steps=4, timed_img_per_s=1.0)
+    pacer.step_s = 8.0  # as timed: one step every 8 s
+    assert all(pacer.recheck_due(step, log_every=10) for step in range(1, 5))
+    pacer.step_s = 0.05  # fast steps: every 10 (2 s of them would be 40 steps; --log-every caps it)
+    assert [s for s in range(1, 31) if pacer.recheck_due(s, log_every=10)] == [10, 20, 30]
+    pacer.step_s = 0.5
+    assert [s for s in range(1, 13) if pacer.recheck_due(s, log_every=10)] == [4, 8, 12]
 
 
 def test_a_resumed_session_keeps_to_the_stored_plan():
@@ -336,6 +406,13 @@ def test_a_budget_run_ends_in_time_and_stores_its_plan(tmp_path):
     assert [r["kind"] for r in records].count("plan") >= 1 and records[-1]["kind"] == "done"
     assert any("knn_top1" in r for r in records)
     assert (run / "monitor.png").read_bytes()[:4] == b"\x89PNG"
+    # the monitor measured the random network before any step, and the final one at the end
+    start = next(r for r in records if r["kind"] == "eval")
+    assert start["step"] == 0 and start["start"] is True
+    quality = quality_of(state)
+    assert quality["start"] == start["knn_top1"] and quality["end_step"] == state["progress"]["step"]
+    assert quality["end"] is not None and quality["verdict"] in ("learned", "not_learned")
+    assert "the model shipped is the" in quality["reason"]
 
 
 def test_a_resumed_budget_run_keeps_its_plan_and_finishes_it(image_folder, tmp_path, monkeypatch, capsys):

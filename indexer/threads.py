@@ -1,0 +1,96 @@
+"""How many threads a process may use, and how its idle OpenMP threads wait.
+
+PyTorch and ONNX Runtime size their thread pools from the machine's core count, not from the
+cores this process may actually run on (a CPU affinity mask, a container's CPU quota), and their
+OpenMP threads busy-wait for work between operations. On a shared machine both hurt: two
+training processes on two cores, each spinning two threads, measured 5-13 img/s each against
+about 110 alone (issue 17). `available_cores` counts what the process really has;
+`configure_process` sets passive waiting in the environment, which OpenMP reads once when the
+runtime loads, so it must run before torch or onnxruntime is imported: the command-line entry
+points call it first, and the app puts `child_environment()` into its child processes.
+
+Torch-free (only the standard library), so the serving side and the trainer share it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+PASSIVE = "PASSIVE"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def affinity_cores() -> int:
+    """CPUs this process may be scheduled on (its affinity mask), or os.cpu_count() where the
+    platform has no affinity call."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def quota_from_cgroup_v2(text: str) -> float | None:
+    """`cpu.max` ("QUOTA PERIOD", or "max PERIOD" when unlimited) -> CPUs the quota allows."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = float(parts[0]), float(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def quota_from_cgroup_v1(quota_text: str, period_text: str) -> float | None:
+    """cfs_quota_us (-1 when unlimited) and cfs_period_us -> CPUs the quota allows."""
+    try:
+        quota, period = float(quota_text.strip()), float(period_text.strip())
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs the container's quota allows (cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), or
+    None when no quota is set or none can be read."""
+    try:
+        return quota_from_cgroup_v2((root / "cpu.max").read_text())
+    except OSError:
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct"):
+        try:
+            return quota_from_cgroup_v1((folder / "cpu.cfs_quota_us").read_text(),
+                                        (folder / "cpu.cfs_period_us").read_text())
+        except OSError:
+            continue
+    return None
+
+
+def available_cores(root: Path = CGROUP_ROOT) -> int:
+    """Cores this process can really use: the affinity mask, lowered to the cgroup quota
+    (rounded up: a quota of 1.5 CPUs still runs two threads usefully part of the time)."""
+    cores = affinity_cores()
+    limit = cgroup_cpu_limit(root)
+    if limit is not None:
+        cores = min(cores, max(1, math.ceil(limit - 1e-9)))
+    return cores
+
+
+def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process that will load PyTorch or ONNX Runtime: passive
+    OpenMP waiting unless the user chose a policy themselves."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault(WAIT_POLICY_ENV, PASSIVE)
+    return env
+
+
+def configure_process() -> int:
+    """Set passive OpenMP waiting for this process (unless the user set a policy) and return the
+    cores available. Call it before importing torch or onnxruntime: OpenMP reads the policy once,
+    when its runtime loads."""
+    os.environ.setdefault(WAIT_POLICY_ENV, PASSIVE)
+    return available_cores()

@@ -1,0 +1,70 @@
+"""The cores a process really has and passive OpenMP waiting (indexer.threads), set before
+torch or ONNX Runtime loads in every command-line entry point and the app's child processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from indexer import threads
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cgroup_quotas_are_read_as_cpus():
+    assert threads.quota_from_cgroup_v2("150000 100000\n") == 1.5
+    assert threads.quota_from_cgroup_v2("max 100000\n") is None
+    assert threads.quota_from_cgroup_v2("garbage") is None
+    assert threads.quota_from_cgroup_v1("200000\n", "100000\n") == 2.0
+    assert threads.quota_from_cgroup_v1("-1\n", "100000\n") is None
+
+
+def test_available_cores_follow_the_affinity_mask_and_the_quota(tmp_path):
+    affinity = threads.affinity_cores()
+    assert affinity == len(os.sched_getaffinity(0))
+    assert threads.available_cores(tmp_path) == affinity  # no cgroup files: the mask alone
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: one thread
+    assert threads.available_cores(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads.available_cores(tmp_path) == affinity
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads.available_cores(v1) == 1
+
+
+def test_passive_waiting_unless_the_user_chose_a_policy(monkeypatch):
+    assert threads.child_environment({"PATH": "/bin"}) == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert threads.child_environment({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert threads.configure_process() == threads.available_cores()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+# Records the policy at the moment torch or onnxruntime is first imported, then imports MODULE.
+PROBE = """
+import importlib.abc, os, sys
+seen = {}
+class Probe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("torch", "onnxruntime") and name not in seen:
+            seen[name] = os.environ.get("OMP_WAIT_POLICY")
+        return None
+sys.meta_path.insert(0, Probe())
+import MODULE
+import torch, onnxruntime
+print(os.environ.get("OMP_WAIT_POLICY"), seen.get("torch"), seen.get("onnxruntime"))
+"""
+
+
+@pytest.mark.parametrize("module", ["moco.__main__", "exports.__main__", "indexer.__main__"])
+def test_each_entry_point_sets_the_policy_before_torch_or_onnxruntime_load(module):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", PROBE.replace("MODULE", module)], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=120, check=True).stdout.split()
+    assert out == ["PASSIVE", "PASSIVE", "PASSIVE"]
