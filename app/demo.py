@@ -12,6 +12,15 @@ nothing, and the small stem keeps a 16 x 16 feature map where the ImageNet stem 
 0.36). Training gets a fixed time budget (``--time-budget``) rather than epochs, so the whole
 demo takes the same few minutes on any machine, and the trainer fits its momentum, queue and
 warm-up to the steps that fit.
+
+Crops keep at least 80% of the scan (``--crop-min-scale 0.8``; the preset's 0.2 is for photos):
+a crop of a fifth of an 8 x 8 scan keeps 3 or 4 of its pixels a side, which erases the digit,
+so the two views of an image share nothing to learn from. Measured on the digits (112 steps of
+128 images, kNN monitor at k 10 on disjoint halves, random start 0.776): crop 0.2 fell to 0.59
+after 84 steps and stayed below the start, 0.5 reached 0.836, 0.8 reached 0.863 (0.843 after
+70 steps); a lower learning rate (0.06) with crop 0.5 ended at 0.731. The monitor scores at
+k 10, the neighbour lists' k, on halves of the folder that share no image, so "better than the
+random network" is measured where the demo shows it.
 """
 
 from __future__ import annotations
@@ -84,8 +93,8 @@ def demo_stages(paths: DemoPaths, train_seconds: int = DEMO_TRAIN_SECONDS) -> li
     else:
         train = jobs.python_module(
             "moco", "train", paths.data, "--out", paths.run, "--time-budget", f"{train_seconds}s",
-            "--image-size", "16", "--stem", "small", "--batch-size", "128", "--val", paths.data,
-            "--monitor-evals", "2", "--knn-max-images", "600")
+            "--image-size", "16", "--stem", "small", "--batch-size", "128", "--crop-min-scale", "0.8",
+            "--val", paths.data, "--knn-k", "10", "--monitor-evals", "2", "--knn-max-images", "0")
     paths.model.parent.mkdir(parents=True, exist_ok=True)
     return [
         jobs.Stage("Demo images (scikit-learn digits)", jobs.python_module("moco", "demo-data", paths.data),
