@@ -138,6 +138,9 @@ class Trainer:
                 self.quality.monitor, self.quality.queries = self.monitor.line(), len(self.monitor.queries)
             self.quality.load_state_dict(state["monitor"], self.model.encoder_q)
         self.start_eval_s: float | None = None  # one monitor evaluation's price, timed at the start
+        # The step of the last monitor evaluation, known alike on every rank (only rank 0 scores, so
+        # the tracker's own record exists there alone): every rank must take part in the same ones.
+        self.last_eval_step: int | None = self.quality.last_step
         self.last_quality: dict[str, Any] | None = None  # as the last checkpoint stored it
         if world.is_main:
             tidy_run_dir(run_dir, resuming=state is not None)
@@ -308,6 +311,7 @@ class Trainer:
             began = time.monotonic()
             if self.world.is_main:
                 record["knn_top1"] = self._score()
+            self.last_eval_step = p.step
             distributed.barrier()
             self.pacer.set_aside(time.monotonic() - began)
         self._account_time()
@@ -382,6 +386,7 @@ class Trainer:
         record: dict[str, Any] = {"kind": "eval", "step": p.step, "epoch": p.epoch}
         if self.world.is_main:
             record["knn_top1"] = self._score()
+        self.last_eval_step = p.step
         distributed.barrier()
         record["time"] = self._now()
         if self.world.is_main:
@@ -409,6 +414,7 @@ class Trainer:
         config, p = self.config, self.progress
         began = time.monotonic()
         self.start_eval_s = 0.0
+        self.last_eval_step = p.step
         if self.world.is_main:
             with torch.random.fork_rng(devices=[]):
                 start = calibrated_copy(self.model.encoder_q, self.folder, image_size=config.image_size,
@@ -481,7 +487,7 @@ class Trainer:
         p = self.progress
         trained = self.plan.mode == "epochs" or (self.plan.planned and p.step > self.plan.schedule_start)
         # (a budget run with no training step has the start's weights: nothing new to measure)
-        if self.monitor is not None and self.quality.last_step != p.step and trained:
+        if self.monitor is not None and self.last_eval_step != p.step and trained:
             self._evaluate()
             if self.plan.mode == "epochs":
                 self.save()
