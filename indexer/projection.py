@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.files import atomic_write_bytes
+from indexer.npy import reading_headers
 
 __all__ = ["FIT_MAX", "Projection", "fit_projection"]
 
@@ -103,7 +104,7 @@ class Projection:
         ``dim``, the collection's vectors): a damaged file raises ``ValueError`` naming the
         problem instead of a shape error at the first ``place``."""
         names = [f.name for f in fields(cls)]
-        with np.load(path, allow_pickle=False) as data:
+        with reading_headers(), np.load(path, allow_pickle=False) as data:
             if not hasattr(data, "files"):
                 raise ValueError("is a single array, not a map (.npz)")
             missing = [name for name in names if name not in data.files]

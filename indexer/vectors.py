@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer import files, store
+from indexer.npy import load_array
 
 __all__ = ["LiveVectors", "open_part", "write_part"]
 
@@ -66,7 +67,7 @@ def open_part(directory: Path, part: dict[str, Any], dim: int) -> tuple[npt.NDAr
     ids_path, vec_path = directory / part["ids"], directory / part["file"]
     count = int(part["count"])
     try:
-        ids = np.load(ids_path, allow_pickle=False)
+        ids = load_array(ids_path)
     except FileNotFoundError:
         raise store.damaged(ids_path, "is missing", store.DATA_HINT) from None
     except (OSError, ValueError, EOFError) as exc:
