@@ -19,7 +19,8 @@ from indexer import models, store
 from indexer.embed import ModelError
 
 __all__ = ["RECIPES", "BuildRequest", "FormError", "build_key", "check_build", "done_message", "folder_or_none",
-           "list_models", "model_label", "preferred_model", "start_build", "start_update", "update_key"]
+           "list_models", "model_label", "preferred_model", "start_build", "start_update", "update_key",
+           "variant_words"]
 
 REPO = Path(__file__).resolve().parent.parent  # the children run `python -m indexer` from here
 RECIPES = ("auto", "flat", "hnsw", "ivf")
@@ -38,6 +39,10 @@ class BuildRequest:
     out: Path
     model: Path
     recipe: str
+    variant: models.Variant
+    """What embeds: ``model`` or its verified int8 sibling on a CPU where int8 is faster, with
+    why (:func:`indexer.models.choose_variant`, the rule ``indexer build`` follows for a model
+    it chose itself); the form shows it before the build starts."""
 
 
 def list_models(workdir: Path) -> list[Path]:
@@ -74,6 +79,16 @@ def preferred_model(folder: Path | None, candidates: Sequence[Path]) -> Path | N
         return None
 
 
+def variant_words(model: Path, *, cpu_flags: frozenset[str] | None = None) -> str:
+    """Which variant of ``model`` a build would embed with, and why, in one sentence for the form
+    (shown before the person presses Build, so an int8 stand-in is never silent)."""
+    try:
+        variant = models.choose_variant(Path(model), cpu_flags=cpu_flags)
+    except ModelError as exc:
+        return f"It cannot be used: {exc}."
+    return f"Precision {variant.precision} ({variant.path.name}): {variant.reason}."
+
+
 def check_name(text: str, images: Path) -> str:
     """A plain folder name (no path separators, no ``..``); empty means the image folder's name."""
     name = text.strip() or images.name
@@ -84,11 +99,13 @@ def check_name(text: str, images: Path) -> str:
 
 
 def check_build(images: str, name: str, model: Path | None, recipe: str, indexes: Path,
-                data_roots: Sequence[Path]) -> BuildRequest:
+                data_roots: Sequence[Path], *, cpu_flags: frozenset[str] | None = None) -> BuildRequest:
     """The form's fields, checked; :class:`FormError` says what to fix.
 
     ``data_roots`` are the folders the server allows (resolved, :func:`app.roots.allowed_roots`);
-    the image folder must lie inside one of them (:func:`app.roots.check_folder`)."""
+    the image folder must lie inside one of them (:func:`app.roots.check_folder`). The model
+    picked in the list is a choice of network, not of precision: its variant is chosen as
+    ``indexer build`` chooses it (``cpu_flags``: this CPU's, unless given)."""
     try:
         folder = roots.check_folder(images, data_roots)
     except roots.PathRefused as exc:
@@ -107,7 +124,11 @@ def check_build(images: str, name: str, model: Path | None, recipe: str, indexes
         raise FormError(f"The model {model} is gone; reload the page.")
     if recipe not in RECIPES:
         raise FormError(f"Unknown index recipe {recipe!r} (one of {', '.join(RECIPES)}).")
-    return BuildRequest(folder, out, Path(model).resolve(), recipe)
+    try:
+        variant = models.choose_variant(Path(model).resolve(), cpu_flags=cpu_flags)
+    except ModelError as exc:
+        raise FormError(str(exc)) from None
+    return BuildRequest(folder, out, Path(model).resolve(), recipe, variant)
 
 
 def build_key(out: Path) -> str:
@@ -134,7 +155,7 @@ def done_message(key: str, title: str, seconds: float, fixed: Path | None) -> st
 
 
 def start_build(request: BuildRequest) -> jobs.Job:
-    argv = jobs.python_module("indexer", "build", request.images, "--out", request.out, "--model", request.model,
+    argv = jobs.python_module("indexer", "build", request.images, "--out", request.out, "--model", request.variant.path,
                               "--index", request.recipe)
     stage = jobs.Stage(f"Embed, index and map {request.images.name}", argv)
     return jobs.start(build_key(request.out), f"Building {request.out.name}", [stage], cwd=REPO)

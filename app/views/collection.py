@@ -202,7 +202,7 @@ def model_picker(folder: Path | None, models: list[Path], collection: Collection
     if model is not None:
         why = "trained on this folder" if model == preferred else "chosen by you"
         st.caption(f"Embeds with {markup.code(model.name)}, trained on "
-                   f"{markup.md(model_info(model).train_data)} ({why}).")
+                   f"{markup.md(model_info(model).train_data)} ({why}). {markup.md(builds.variant_words(model))}")
     elif folder is not None:
         st.warning(f"No model was trained on {markup.code(folder)}: choose one (each says what it was trained "
                    "on); a model trained on other pictures embeds these less well.")

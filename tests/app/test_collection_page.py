@@ -19,7 +19,7 @@ from app import builds, jobs, roots, state
 from indexer.build import build
 from indexer.collection import Collection
 from tests.app.conftest import make_app, plain
-from tests.indexer.conftest import add_bad_files, make_images, make_model, picture
+from tests.indexer.conftest import VNNI, add_bad_files, int8_pair, make_images, make_model, picture
 
 PAGE = "views/collection.py"
 
@@ -245,6 +245,25 @@ def test_check_build_returns_absolute_paths_under_the_indexes_folder(tmp_path: P
     with pytest.raises(builds.FormError, match="--data-root"):
         builds.check_build(str(tmp_path / "pics"), "x", model, "auto", tmp_path / "indexes", [])
     assert builds.list_models(tmp_path) == [model]
+
+
+def test_the_form_embeds_with_the_verified_int8_sibling_where_int8_is_faster(tmp_path: Path) -> None:
+    """The model list offers networks; the precision follows the rule of ``indexer build`` (issue 18
+    item 3): on a CPU with VNNI/AMX the verified int8 sibling embeds, elsewhere the fp32 model, and
+    the form says which before anything starts."""
+    (tmp_path / "pics").mkdir()
+    fp32, int8 = int8_pair(tmp_path / "models", tmp_path / "pics")
+    allowed = [tmp_path.resolve()]
+    fast = builds.check_build(str(tmp_path / "pics"), "a", fp32, "auto", tmp_path / "indexes", allowed, cpu_flags=VNNI)
+    assert fast.model == fp32.resolve() and fast.variant.path == int8.resolve() and fast.variant.precision == "int8"
+    plain_cpu = builds.check_build(str(tmp_path / "pics"), "b", fp32, "auto", tmp_path / "indexes", allowed,
+                                   cpu_flags=frozenset({"fpu", "avx2"}))
+    assert plain_cpu.variant.path == fp32.resolve() and plain_cpu.variant.precision == "fp32"
+    words = builds.variant_words(fp32, cpu_flags=VNNI)
+    assert words.startswith("Precision int8 (photos-int8.onnx)") and "verified" in words
+    assert "no VNNI/AMX" in builds.variant_words(fp32, cpu_flags=frozenset())
+    int8.unlink()
+    assert builds.variant_words(fp32, cpu_flags=VNNI).startswith("Precision fp32 (photos.onnx): fp32: no int8 sibling")
 
 
 def test_the_form_preselects_the_model_trained_on_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ in milliseconds, so the tests need neither torch nor a training run.
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from indexer.files import sha256_file
 
 IMAGE_SIZE = 32
 DIM = 16
@@ -148,3 +151,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def image_dir(tmp_path: Path) -> Path:
     return make_images(tmp_path / "photos")
+
+
+# -- an fp32 model and its verified int8 sibling (issue 18 item 3) ------------------------------
+
+VNNI = frozenset({"fpu", "avx512_vnni", "amx_int8"})
+
+
+def int8_pair(folder: Path, image_dir: Path, *, passed: bool = True, sha: str | None = None) -> tuple[Path, Path]:
+    """models/photos.onnx and the int8 sibling ``exports --with-int8`` writes beside it, as the
+    metadata describes them (the indexer decides from the metadata and the fp32 file's bytes)."""
+    train = {"moco.train_data": f"19 images in {image_dir.resolve()}", "moco.checkpoint_sha256": "c" * 64}
+    fp32 = make_model(folder / "photos.onnx", props={**train, "moco.precision": "fp32"})
+    check = json.dumps({"overlap": 0.97 if passed else 0.6, "threshold": 0.85, "images": 240, "passed": passed})
+    int8 = make_model(folder / "photos-int8.onnx", seed=1, props={
+        **train, "moco.precision": "int8", "moco.precision_check": check, "moco.fp32_model": "photos.onnx",
+        "moco.fp32_sha256": sha or sha256_file(fp32)})
+    return fp32, int8

@@ -3,7 +3,6 @@ never silently the newest file (issue 17 item 6)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from indexer.collection import Collection
 from indexer.embed import ModelError
 from indexer.files import sha256_file
 
-from .conftest import make_images, make_model
+from .conftest import VNNI, int8_pair, make_images, make_model
 
 
 def trained(path: Path, folder: Path, *, count: int = 19, size: int = 32, age: int = 0) -> Path:
@@ -101,21 +100,6 @@ def test_an_unreadable_model_is_listed_not_fatal(tmp_path: Path, image_dir: Path
 
 
 # -- the variant: fp32 or its verified int8 sibling (issue 18 item 3) ----------------------------
-
-VNNI = frozenset({"fpu", "avx512_vnni", "amx_int8"})
-
-
-def int8_pair(folder: Path, image_dir: Path, *, passed: bool = True, sha: str | None = None) -> tuple[Path, Path]:
-    """models/photos.onnx and the int8 sibling ``exports --with-int8`` writes beside it, as the
-    metadata describes them (the indexer decides from the metadata and the fp32 file's bytes)."""
-    train = {"moco.train_data": f"19 images in {image_dir.resolve()}", "moco.checkpoint_sha256": "c" * 64}
-    fp32 = make_model(folder / "photos.onnx", props={**train, "moco.precision": "fp32"})
-    check = json.dumps({"overlap": 0.97 if passed else 0.6, "threshold": 0.85, "images": 240, "passed": passed})
-    int8 = make_model(folder / "photos-int8.onnx", seed=1, props={
-        **train, "moco.precision": "int8", "moco.precision_check": check, "moco.fp32_model": "photos.onnx",
-        "moco.fp32_sha256": sha or sha256_file(fp32)})
-    return fp32, int8
-
 
 def test_cpu_flags_are_read_from_cpuinfo_text() -> None:
     text = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512_vnni amx_int8 amx_bf16\nbugs\t: x\n"
