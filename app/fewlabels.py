@@ -168,7 +168,8 @@ SELECTION_MAX_ITEMS = 5000
 """The labelling replay runs on a seeded sample of at most this many labelled images: each of its
 rounds refits k-means and a classifier, and the comparison of strategies needs no more."""
 SELECTION_ROUNDS = (1, 2, 5, 10)
-STRATEGY_NAMES = {"random": "random picks", "kmeans": "k-means centres", "active": "active (uncertainty + diversity)"}
+STRATEGY_NAMES = {"random": "random picks", "kmeans": "k-means centres",
+                  "active": "active (k-means centres, then uncertainty + diversity)"}
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -320,9 +321,9 @@ def confusion_figure(confusion: npt.ArrayLike, classes: Sequence[str]) -> go.Fig
 @st.cache_data(max_entries=16, show_spinner=False)
 def suggestions(_collection: Collection, directory: str, generation: int, n: int, seed: int,
                 labelled: tuple[tuple[int, str], ...]) -> list[int]:
-    """Item ids worth labelling next, given the (row, label) pairs so far: k-means centres first,
-    then, once two labels or more exist, the classifier's least certain images spread over the
-    collection (:func:`indexer.selection.active_suggestions`)."""
+    """Item ids worth labelling next, given the (row, label) pairs so far: k-means centres until the
+    labelled classes average two labels each, then the classifier's least certain images spread
+    over the collection (:func:`indexer.selection.active_suggestions`)."""
     rows = np.array([r for r, _ in labelled], dtype=np.int64)
     names = sorted({name for _, name in labelled})
     classes = np.array([names.index(name) for _, name in labelled], dtype=np.int64)

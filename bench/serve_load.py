@@ -2,7 +2,7 @@
 
     flock -x /tmp/cpu-bench.lock python bench/serve_load.py                       # 100k items, 60 s a phase
     python bench/serve_load.py --items 10000 --seconds 5 --update                  # a quick check
-    python bench/serve_load.py --collection /tmp/idx/cifar100k --model-note "ResNet-18 32 px"
+    python bench/serve_load.py --collection /tmp/idx/cifar100k --phases vector --seconds 20
 
 The collection (unless ``--collection`` names one): CIFAR-10's 60,000 photos (train and test,
 from ``--data``) plus mirrored copies up to ``--items``, as issue 6's app benchmark made its
@@ -18,8 +18,11 @@ noise, k=10), then multipart uploads of 500 px JPEGs that are not in the collect
 sample photos, k=10). Every loop is bounded in time and in count (``--max-requests``). With
 ``--update``, new pictures are added to the image folder in the middle of each phase and
 ``python -m indexer update`` commits a new generation while the clients keep going. A request
-fails unless it answers 200 with k hits. Prints requests/s, p50/p99/max latency, failures,
-generations seen, and the machine's CPU.
+fails unless it answers 200 with a JSON body of k hits, each with id, path, score and label
+(every answer is parsed). Prints requests/s, p50/p99/max latency, failures, generations seen,
+the machine's CPU, and the CPU time per request of the clients (this process) and of the
+server (its processes, from /proc): on a shared machine the server's CPU per request is the
+steadier figure, and the clients' share says what the load generator takes from the server.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import asyncio
 import io
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -163,6 +167,8 @@ class Phase:
     latencies: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    client_cpu: float = 0.0  # CPU seconds of this process (the clients) during the phase
+    server_cpu: float | None = None  # CPU seconds of the server's processes (None: not measurable here)
 
     def line(self) -> str:
         n = len(self.latencies)
@@ -170,9 +176,49 @@ class Phase:
             return f"{self.name:8s} no request answered; failures {len(self.failures)}"
         ms = sorted(1000 * t for t in self.latencies)
         p99 = ms[min(n - 1, int(0.99 * n))]
+        answered = n + len(self.failures)
+        server = "" if self.server_cpu is None else f", server {1000 * self.server_cpu / answered:.2f}"
         return (f"{self.name:8s} {n:7,} requests in {self.seconds:5.1f} s = {n / self.seconds:7.1f} req/s   "
                 f"p50 {statistics.median(ms):6.1f} ms  p99 {p99:6.1f} ms  max {ms[-1]:6.1f} ms   "
-                f"failures {len(self.failures)}")
+                f"failures {len(self.failures)}   CPU ms/request: clients {1000 * self.client_cpu / answered:.2f}"
+                f"{server}")
+
+
+def own_cpu() -> float:
+    """CPU seconds (user and system) of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tree_cpu(pid: int) -> float | None:
+    """CPU seconds of process ``pid`` and its live descendants (Linux /proc; None elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            if p == pid:
+                return None
+    return total
+
+
+def hits_ok(body: bytes) -> bool:
+    """Whether an answer is JSON of exactly K hits, each with an integer id, path, score and label."""
+    try:
+        hits = json.loads(body)["hits"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return (isinstance(hits, list) and len(hits) == K and all(
+        isinstance(h, dict) and isinstance(h.get("id"), int) and isinstance(h.get("path"), str)
+        and isinstance(h.get("score"), float) and "label" in h for h in hits))
 
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
@@ -206,7 +252,7 @@ async def _client(host: str, port: int, requests: list[bytes], offset: int, phas
                 reader, writer = await asyncio.open_connection(host, port)
                 continue
             took = time.perf_counter() - t0
-            if status != 200 or body.count(b'"id"') != K:
+            if status != 200 or not hits_ok(body):
                 phase.failures.append(f"{status} {body[:200]!r}")
             else:
                 phase.latencies.append(took)
@@ -215,7 +261,7 @@ async def _client(host: str, port: int, requests: list[bytes], offset: int, phas
 
 
 def run_phase(name: str, url: str, requests: list[bytes], clients: int, seconds: float, max_requests: int,
-              update: tuple[Path, Path, int] | None, log: list[str]) -> Phase:
+              update: tuple[Path, Path, int] | None, log: list[str], server_pid: int | None = None) -> Phase:
     parts = urlsplit(url)
     phase = Phase(name)
     worker = None
@@ -234,11 +280,16 @@ def run_phase(name: str, url: str, requests: list[bytes], clients: int, seconds:
         await asyncio.gather(*(_client(parts.hostname or "127.0.0.1", parts.port or 80, requests, i, phase,
                                         deadline, budget) for i in range(clients)))
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), own_cpu()
+    server0 = tree_cpu(server_pid) if server_pid is not None else None
     if worker is not None:
         worker.start()
     asyncio.run(main())
     phase.seconds = time.perf_counter() - t0
+    phase.client_cpu = own_cpu() - cpu0  # the update's own work runs in a child process: not counted
+    server1 = tree_cpu(server_pid) if server_pid is not None else None
+    if server0 is not None and server1 is not None:
+        phase.server_cpu = server1 - server0
     if worker is not None:
         worker.join(timeout=600)
     return phase
@@ -297,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             before = generation(info_url)
             upd = (collection, images, round_) if args.update and images is not None else None
             phase = run_phase(phase_name, server.url, requests, args.clients, args.seconds, args.max_requests,
-                              upd, log)
+                              upd, log, server.process.pid)
             after = generation(info_url)
             print(phase.line() + f"   generation {before} -> {after}", flush=True)
             for failure in phase.failures[:5]:

@@ -11,6 +11,7 @@ install (``requirements-serving.txt``) needs neither PyTorch nor CUDA. One modul
 * :mod:`indexer.server.batcher`: concurrent uploads batched through one model;
 * :mod:`indexer.server.schemas`: the typed requests and answers (the OpenAPI page);
 * :mod:`indexer.server.api`: the endpoints and the one-line 4xx answers;
+* :mod:`indexer.server.lane`: JSON searches answered beside FastAPI's routing (the hot path);
 * :mod:`indexer.server.launch`: binding, workers and uvicorn;
 * :mod:`indexer.server.local`: starting a real server for tests and benchmarks.
 

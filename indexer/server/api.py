@@ -1,8 +1,11 @@
 """The endpoints: a FastAPI application over live collections, every bad input a one-line 4xx.
 
 :func:`create_app` builds the application for one process (the collections are opened and
-their models loaded once, here). Work that touches FAISS, SQLite or ONNX Runtime runs in the
-thread pool, so the event loop keeps accepting requests; all of it releases the GIL. Error
+their models loaded once, here). Work that touches FAISS, SQLite or ONNX Runtime runs in a
+thread, so the event loop keeps accepting requests; all of it releases the GIL. JSON searches,
+the hot path, run in a pool of their own, a few threads per core (a cheaper hand-over than
+AnyIO's pool, and no more FAISS searches at once than the cores can take), and reach it through
+:class:`indexer.server.lane.JsonSearchLane` rather than FastAPI's routing (see there why). Error
 answers are ``{"detail": "one line"}`` with a 4xx status (401 key, 404 unknown collection or
 item, 413 too large, 415 not an image or not a body this API takes, 422 anything else that
 is invalid); a collection found damaged while answering is a 503 and an unexpected failure a
@@ -13,22 +16,27 @@ only. No endpoint takes a file path: uploads are bytes, items are ids, thumbnail
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import numpy as np
+import pydantic_core
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from indexer import store
 from indexer.server.auth import KeyCheck
+from indexer.server.lane import JsonSearchLane
 from indexer.server.live import Generation, LiveCollection
 from indexer.server.options import ServeConfig
 from indexer.server.schemas import (
@@ -44,7 +52,7 @@ from indexer.server.schemas import (
 )
 from indexer.server.uploads import BodyLimit, UploadRefused, decode_upload
 
-__all__ = ["RequireKey", "create_app"]
+__all__ = ["RequireKey", "create_app", "refusal", "search_threads"]
 
 log = logging.getLogger("indexer.server")
 T = TypeVar("T")
@@ -99,6 +107,29 @@ def one_search_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
+def search_threads() -> int:
+    """Threads for JSON searches: two per core this process may use (FAISS and SQLite release the
+    GIL, so one search's Python part overlaps another's C part), at least four."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(4, 2 * cores)
+
+
+def refusal(exc: Exception, where: str) -> tuple[int, str]:
+    """The status and one-line detail that answer ``exc``, raised while serving ``where``
+    ('POST /path'); a damaged collection (503) or an unexpected failure (500) is logged."""
+    if isinstance(exc, (Refused, UploadRefused)):
+        return exc.status, _one_line(exc)
+    if isinstance(exc, store.CollectionError):
+        log.error("%s: %s", where, store.one_line(exc))
+        return 503, f"the collection cannot answer: {store.one_line(exc)}"
+    log.error("%s failed", where, exc_info=exc)
+    return 500, f"internal error ({type(exc).__name__}); see the server's log"
+
+
+DEFAULT_K = 10
+_K = TypeAdapter(int)
+
+
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())[:500]
 
@@ -129,24 +160,29 @@ def create_app(config: ServeConfig, *, key: str | None = None,
                 live.close()
             raise
 
+    searches = ThreadPoolExecutor(search_threads(), thread_name_prefix="search")
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        searches.shutdown(wait=True)
         for live in served.values():
             live.close()
 
     app = FastAPI(title="moco-search", version="1", description=DESCRIPTION, lifespan=lifespan,
                   redoc_url=None, responses=ERRORS)
-    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    # added first: the innermost of these three, so the key check and the body limit apply to it too
+    app.add_middleware(JsonSearchLane, answer=lambda name, body, k: json_search(name, body, k),  # defined below
+                       refusal=refusal)
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)  # outside the lane: it limits JSON bodies too
     app.add_middleware(RequireKey, check=KeyCheck(key))  # added last: runs first, before any body is read
 
-    @app.exception_handler(Refused)
-    async def refused(_: Request, exc: Refused) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(exc)}, status_code=exc.status)
+    async def refused(request: Request, exc: Exception) -> JSONResponse:
+        status, detail = refusal(exc, f"{request.method} {request.url.path}")
+        return JSONResponse({"detail": detail}, status_code=status)
 
-    @app.exception_handler(UploadRefused)
-    async def upload_refused(_: Request, exc: UploadRefused) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(exc)}, status_code=exc.status)
+    for kind in (Refused, UploadRefused, store.CollectionError, Exception):
+        app.add_exception_handler(kind, refused)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -157,32 +193,23 @@ def create_app(config: ServeConfig, *, key: str | None = None,
         return JSONResponse({"detail": _one_line(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(store.CollectionError)
-    async def damaged(request: Request, exc: store.CollectionError) -> JSONResponse:
-        log.error("%s %s: %s", request.method, request.url.path, store.one_line(exc))
-        return JSONResponse({"detail": f"the collection cannot answer: {store.one_line(exc)}"}, status_code=503)
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server's log"},
-                            status_code=500)
-
     def live(name: str) -> LiveCollection:
         found = served.get(name)
         if found is None:
             raise Refused(404, f"no collection named {name!r}; GET /collections lists them")
         return found
 
-    async def with_generation(name: str, work: Callable[[Generation], T]) -> T:
-        """Run ``work`` in the thread pool on the newest generation of ``name``."""
+    async def with_generation(name: str, work: Callable[[Generation], T], pool: ThreadPoolExecutor | None = None) -> T:
+        """Run ``work`` on the newest generation of ``name`` in ``pool`` (None: AnyIO's thread pool)."""
         collection = live(name)
 
         def run() -> T:
             with collection.use() as generation:
                 return work(generation)
 
-        return await run_in_threadpool(run)
+        if pool is None:
+            return await run_in_threadpool(run)
+        return await asyncio.get_running_loop().run_in_executor(pool, run)
 
     def check_k(k: int) -> int:
         if not 1 <= k <= config.max_k:
@@ -219,22 +246,29 @@ def create_app(config: ServeConfig, *, key: str | None = None,
               description="Send either a multipart upload in the form field `image` (with `?k=`), or a JSON "
               "body with exactly one of `vector`, `id`, `vectors`, `ids`, and `k` (default: the query's `k`, "
               "else 10). A batch answers one list of hits per query.", openapi_extra=search_body)
-    async def search(name: str, request: Request, k: int = Query(10, description="hits per query")) -> Any:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    async def search(name: str, request: Request, k: int = Query(DEFAULT_K, description="hits per query")) -> Any:
+        """Uploads; a JSON body is answered before this route, by :func:`json_search` (the lane)."""
         collection = live(name)
-        if content_type == "multipart/form-data":
-            data = await _upload(request)
-            check_k(k)
-
-            def by_image(g: Generation) -> dict[str, Any]:
-                vector = g.batcher.embed(decode_upload(data, g.batcher.model, config.max_upload_bytes))
-                return {"hits": [h.to_json() for h in g.collection.search_vector(vector, k)]}
-
-            return await with_generation(collection.name, by_image)
-        if content_type != "application/json":
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
             raise Refused(415, "send the query image as the multipart form field 'image', or a JSON body "
                           "with one of vector, id, vectors, ids")
-        body = await request.body()
+        data = await _upload(request)
+        check_k(k)
+
+        def by_image(g: Generation) -> dict[str, Any]:
+            vector = g.batcher.embed(decode_upload(data, g.batcher.model, config.max_upload_bytes))
+            return {"hits": [h.to_json() for h in g.collection.search_vector(vector, k)]}
+
+        return await with_generation(collection.name, by_image)
+
+    async def json_search(name: str, body: bytes, k_text: str | None) -> bytes:
+        """The JSON answer to a JSON search body (``k_text``: the query string's ``k``, if any);
+        what :class:`JsonSearchLane` sends. Bad input raises :class:`Refused`."""
+        try:
+            k = DEFAULT_K if k_text is None else _K.validate_python(k_text)
+        except ValidationError as exc:
+            raise Refused(422, _validation_line([{**e, "loc": ("query", "k")} for e in exc.errors()])) from None
+        collection = live(name)
         try:
             query = SearchRequest.model_validate_json(body)
         except ValidationError as exc:
@@ -265,7 +299,7 @@ def create_app(config: ServeConfig, *, key: str | None = None,
                 answers.append([h.to_json() for h in hits])
             return {"hits": answers if batch else answers[0]}
 
-        return await with_generation(collection.name, by_query)
+        return pydantic_core.to_json(await with_generation(collection.name, by_query, searches))
 
     @app.post("/collections/{name}/embed", response_model=EmbedAnswer,
               summary="the embedding of an uploaded image (same model and decoding as the collection)",
