@@ -322,7 +322,7 @@ def confusion_figure(confusion: npt.ArrayLike, classes: Sequence[str]) -> go.Fig
 def suggestions(_collection: Collection, directory: str, generation: int, n: int, seed: int,
                 labelled: tuple[tuple[int, str], ...]) -> list[int]:
     """Item ids worth labelling next, given the (row, label) pairs so far: k-means centres until the
-    labelled classes average two labels each, then the classifier's least certain images spread
+    labelled classes average five labels each, then the classifier's least certain images spread
     over the collection (:func:`indexer.selection.active_suggestions`)."""
     rows = np.array([r for r, _ in labelled], dtype=np.int64)
     names = sorted({name for _, name in labelled})

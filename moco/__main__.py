@@ -60,6 +60,11 @@ HYPER_PARAMETERS = (
     ("blur_relative", "scale the Gaussian blur's sigma (0.1-2 px, chosen for 224 px) with the training size"),
     ("augment_on", "device (batched tensor ops on the training device, the default) or workers (per image "
                    "in loader workers, torchvision's pipeline)"),
+    ("multi_crop", "N small crops per image besides the two global views, through the query encoder only, "
+                   "their positives the global views' keys (SwAV / solo-learn MoCo V2+); 0 (default) off"),
+    ("small_crop_size", "the small crops' size in px (default 0.45 x --image-size, a multiple of 8)"),
+    ("progressive", "progressive resolution: start at this fraction of --image-size (e.g. 0.5) and rise "
+                    "linearly to it by 75%% of the planned steps; 0 (default) off"),
     ("cache", "decode each image once into a memory-mapped cache reused across epochs and runs"),
     ("cache_dir", "where the decoded-image cache lives (default ~/.cache/moco/decoded or $MOCO_CACHE_DIR)"),
     ("cache_max_gb", "largest decoded-image cache to build; beyond it training streams from the files"),
@@ -94,6 +99,8 @@ def _add_hyper_parameters(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=float, default=None, help=help_text)
         else:
             group.add_argument(flag, default=None, help=help_text)
+    group.add_argument("--small-crop-scale", type=_scale_range, default=None, metavar="LO,HI",
+                       help="area range of the small crops (default 0.05,0.3)")
     group.add_argument("--mean", type=_floats, default=None, help="normalisation mean, e.g. 0.485,0.456,0.406")
     group.add_argument("--std", type=_floats, default=None, help="normalisation std, e.g. 0.229,0.224,0.225")
 
@@ -107,6 +114,18 @@ def _floats(text: str) -> tuple[float, ...]:
         values = ()
     if len(values) != 3:
         raise ValueError(f"expected three comma-separated numbers, got {text!r}")
+    return values
+
+
+@from_parser
+def _scale_range(text: str) -> tuple[float, float]:
+    """--small-crop-scale: two comma-separated numbers, LO,HI."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2:
+        raise ValueError(f"expected LO,HI (two comma-separated numbers), got {text!r}")
     return values
 
 
@@ -187,7 +206,7 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
     from moco import distributed
     from moco.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
     from moco.data import DataError, open_folder
-    from moco.defaults import fit_recipe, fit_to_plan
+    from moco.defaults import fit_crops, fit_recipe, fit_to_plan
     from moco.runlog import TrainingDiverged, TrainingStopped
     from moco.train import Trainer
 
@@ -275,6 +294,7 @@ def run_train(args: argparse.Namespace, started: float | None = None) -> int:
         try:
             config.notes = fit_to_data(config, len(folder.refs), batch_size_given=args.batch_size is not None)
             config.notes += fit_recipe(config, explicit)
+            config.notes += fit_crops(config)
             validate(config)
         except ConfigError as err:
             raise UsageError(str(err)) from None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from moco.augment import BLUR_KERNEL, blur_kernel, blur_sigma
+from moco.progressive import round_size
 
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # the luma weights of torchvision's rgb_to_grayscale
 
@@ -57,10 +58,17 @@ def sample_crop_boxes(sizes: torch.Tensor, scale: tuple[float, float], ratio: tu
 
 
 # -- functional ops on float [N, 3, H, W] in [0, 1], parameters per sample -----------------------
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, source: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """Crop each box and resize it to size x size with bilinear sampling; roi_align averages
-    several samples per output pixel when shrinking, which stands in for antialiasing."""
-    index = torch.arange(images.shape[0], device=images.device, dtype=images.dtype).unsqueeze(1)
+    several samples per output pixel when shrinking, which stands in for antialiasing.
+
+    `source`: the image each box is cut from (default: box i from image i), so several crops
+    of one image need no copies of it."""
+    if source is None:
+        index = torch.arange(images.shape[0], device=images.device, dtype=images.dtype).unsqueeze(1)
+    else:
+        index = source.to(images.device, images.dtype).unsqueeze(1)
     rois = torch.cat([index, boxes.to(images.device, images.dtype)], dim=1)
     # aligned=True: box corners are pixel edges, pixel j spans [j, j+1), as in torchvision crops.
     return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
@@ -166,11 +174,12 @@ class BatchView:
     """One view's recipe (v1, v2 or v3), applied to a whole batch with per-sample draws."""
 
     def __init__(self, recipe: str, image_size: int, crop_min_scale: float, *, view: int,
-                 blur_relative: bool = False) -> None:
+                 blur_relative: bool = False, crop_max_scale: float = 1.0) -> None:
         self.size = image_size
+        self.blur_relative = blur_relative
         self.sigma = blur_sigma(image_size, blur_relative)
         self.kernel = blur_kernel(self.sigma)
-        self.scale = (crop_min_scale, 1.0)
+        self.scale = (crop_min_scale, crop_max_scale)
         if recipe == "v1":
             self.jitter, self.jitter_p, self.blur_p, self.solarize_p = (0.4, 0.4, 0.4, 0.4), 1.0, 0.0, 0.0
         elif recipe == "v2":
@@ -182,15 +191,28 @@ class BatchView:
             raise ValueError(f"unknown augmentation recipe {recipe!r}")
         self.grey_first = recipe == "v1"  # v1 applies RandomGrayscale before the jitter
 
-    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n = images.shape[0]
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator, *,
+                 size: int | None = None, copies: int = 1) -> torch.Tensor:
+        """`size`: this batch's output size instead of the view's own (progressive resolution; a
+        relative blur scales with it). `copies`: crops per image, each with its own draws, as
+        [copies x N] samples, copy-major (all images' first crop, then their second, ...)."""
+        n = images.shape[0] * copies
         device = images.device
+        out_size, sigma = self.size, self.sigma
+        if size is not None and size != self.size:
+            out_size = size
+            if self.blur_relative:
+                sigma = (sigma[0] * size / self.size, sigma[1] * size / self.size)
 
         def draw(*shape: int) -> torch.Tensor:  # CPU draws: the same stream on any device
             return torch.rand(*shape, generator=generator).to(device)
 
-        boxes = sample_crop_boxes(sizes, self.scale, generator=generator)
-        x = crop_resize(images, boxes, self.size)
+        if copies == 1:
+            boxes = sample_crop_boxes(sizes, self.scale, generator=generator)
+            x = crop_resize(images, boxes, out_size)
+        else:
+            boxes = sample_crop_boxes(sizes.repeat(copies, 1), self.scale, generator=generator)
+            x = crop_resize(images, boxes, out_size, source=torch.arange(images.shape[0]).repeat(copies))
         if self.grey_first:
             x = self._grey(x, draw(n) < 0.2)
         x = self._jitter(x, draw)
@@ -198,8 +220,8 @@ class BatchView:
             x = self._grey(x, draw(n) < 0.2)
         if self.blur_p > 0:
             use = draw(n) < self.blur_p
-            sigma = self.sigma[0] + draw(n) * (self.sigma[1] - self.sigma[0])
-            x = torch.where(use.view(-1, 1, 1, 1), gaussian_blur(x, sigma, self.kernel), x)
+            blur = sigma[0] + draw(n) * (sigma[1] - sigma[0])
+            x = torch.where(use.view(-1, 1, 1, 1), gaussian_blur(x, blur, self.kernel), x)
         if self.solarize_p > 0:
             x = solarize(x, draw(n) < self.solarize_p)
         flip = draw(n) < 0.5
@@ -229,7 +251,41 @@ class BatchTwoViews:
         self.first = BatchView(recipe, image_size, crop_min_scale, view=1, blur_relative=blur_relative)
         self.second = BatchView(recipe, image_size, crop_min_scale, view=2, blur_relative=blur_relative)
 
-    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator, *,
+                 size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`size`: this batch's output size (progressive resolution); None: the configured one."""
         x = images.float().div_(255)
-        return self.first(x, sizes, generator), self.second(x, sizes, generator)
+        return self.first(x, sizes, generator, size=size), self.second(x, sizes, generator, size=size)
+
+
+class BatchMultiCrop:
+    """Multi-crop (SwAV; solo-learn's MoCo V2+): the two global views, drawn exactly as
+    `BatchTwoViews` draws them, then `count` small crops per image at `small_size`, cut from
+    a `small_scale` share of its area, as one [count x N, 3, s, s] batch (copy-major).
+
+    The small crops take the second view's recipe (for v3 its light blur and solarize: a
+    heavy blur leaves a small crop little to match). Returns (view1, view2, small)."""
+
+    def __init__(self, recipe: str, image_size: int, crop_min_scale: float, *, count: int, small_size: int,
+                 small_scale: tuple[float, float], blur_relative: bool = False) -> None:
+        if count < 1:
+            raise ValueError(f"multi-crop needs at least one small crop, got {count}")
+        self.global_views = BatchTwoViews(recipe, image_size, crop_min_scale, blur_relative=blur_relative)
+        self.small = BatchView(recipe, small_size, small_scale[0], view=2, blur_relative=blur_relative,
+                               crop_max_scale=small_scale[1])
+        self.count, self.image_size = count, image_size
+
+    def small_size_at(self, size: int | None) -> int | None:
+        """The small crops' size when the global views are `size` px (progressive resolution):
+        the same share of it, rounded as the global sizes are; None: their own size."""
+        if size is None or size == self.image_size:
+            return None
+        return round_size(self.small.size * size / self.image_size, self.small.size)
+
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator, *,
+                 size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = images.float().div_(255)
+        first = self.global_views.first(x, sizes, generator, size=size)
+        second = self.global_views.second(x, sizes, generator, size=size)
+        small = self.small(x, sizes, generator, size=self.small_size_at(size), copies=self.count)
+        return first, second, small

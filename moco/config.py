@@ -63,6 +63,10 @@ class TrainConfig:
     crop_min_scale: float = 0.2
     blur_relative: bool = False  # scale the blur's sigma with the training size (the paper's is for 224 px)
     augment_on: str = "device"  # device: batched tensor ops on the training device | workers: per image
+    multi_crop: int = 0  # small crops per image besides the two global views (query encoder only); 0: off
+    small_crop_size: int = 0  # their resolution; 0: derived from image_size at start (moco.multicrop)
+    small_crop_scale: tuple[float, float] = (0.05, 0.3)  # their random-resized-crop area range
+    progressive: float = 0.0  # start at this fraction of image_size and rise to it (moco.progressive); 0: off
     # Data and records.
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -93,13 +97,14 @@ class TrainConfig:
         out = asdict(self)
         out["mean"] = list(self.mean)
         out["std"] = list(self.std)
+        out["small_crop_scale"] = list(self.small_crop_scale)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
-        for key in ("mean", "std"):
+        for key in ("mean", "std", "small_crop_scale"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -191,6 +196,24 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--precision must be auto, fp32 or bf16, got {config.precision!r}")
     if not 0.0 < config.crop_min_scale <= 1.0:
         raise ConfigError(f"--crop-min-scale must be in (0, 1], got {config.crop_min_scale}")
+    validate_crops_and_resolution(config)
+
+
+def validate_crops_and_resolution(config: TrainConfig) -> None:
+    """--multi-crop, --small-crop-size/-scale and --progressive (issue 19)."""
+    if config.multi_crop < 0:
+        raise ConfigError(f"--multi-crop must be 0 (off) or more small crops, got {config.multi_crop}")
+    if config.small_crop_size < 0 or 0 < config.small_crop_size < 8 or config.small_crop_size > config.image_size:
+        raise ConfigError(f"--small-crop-size must be 8 to --image-size ({config.image_size}) px, got "
+                          f"{config.small_crop_size}")
+    low, high = config.small_crop_scale
+    if not 0.0 < low < high <= 1.0:
+        raise ConfigError(f"--small-crop-scale must be LO,HI with 0 < LO < HI <= 1, got {low:g},{high:g}")
+    if config.progressive and not 0.0 < config.progressive < 1.0:
+        raise ConfigError(f"--progressive must be a fraction of --image-size in (0, 1), got {config.progressive:g}")
+    if config.augment_on != "device" and (config.multi_crop or config.progressive):
+        flag = "--multi-crop" if config.multi_crop else "--progressive"
+        raise ConfigError(f"{flag} needs --augment-on device (the per-image workers make two fixed-size views)")
 
 
 def resolve_stem(config: TrainConfig) -> str:

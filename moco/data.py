@@ -35,7 +35,7 @@ from indexer.images import (
     working_size,
 )
 from moco.augment import TwoViews, normalize_on_device
-from moco.batch_augment import BatchTwoViews
+from moco.batch_augment import BatchMultiCrop, BatchTwoViews
 
 if TYPE_CHECKING:
     from moco.cache import DecodedCache
@@ -300,7 +300,7 @@ class ViewsOnDevice:
     model runs in. With `--augment-on device` the batch holds working-resolution pixels, augmented
     here in a few batched ops; with `--augment-on workers` it holds the views the workers made."""
 
-    def __init__(self, augment: BatchTwoViews | None, device: torch.device, *, mean: Sequence[float],
+    def __init__(self, augment: BatchTwoViews | BatchMultiCrop | None, device: torch.device, *, mean: Sequence[float],
                  std: Sequence[float], channels_last: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.augment, self.device, self.seed = augment, device, seed
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -308,18 +308,22 @@ class ViewsOnDevice:
         self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
 
-    def __call__(self, batch: tuple, epoch: int, batch_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: tuple, epoch: int, batch_in_epoch: int, *,
+                 size: int | None = None) -> tuple[torch.Tensor, ...]:
+        """(view1, view2), and the small crops third with multi-crop. `size`: this batch's
+        training size (progressive resolution; only batched augmentation can change it)."""
         if self.augment is not None:
             images, sizes, _ = batch
             # One generator per batch, seeded by its place in the run: exact on resume.
             position = batch_in_epoch * self.world_size + self.rank
             generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
-            views = self.augment(images.to(self.device, non_blocking=True), sizes, generator)
+            images = images.to(self.device, non_blocking=True)
+            views = (self.augment(images, sizes, generator) if size is None
+                     else self.augment(images, sizes, generator, size=size))
         else:
             view1, view2, _ = batch
             views = view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True)
-        x1, x2 = (normalize_on_device(view, self.mean, self.std, self.channels_last) for view in views)
-        return x1, x2
+        return tuple(normalize_on_device(view, self.mean, self.std, self.channels_last) for view in views)
 
 
 def training_batches(config: TrainConfig, folder: ImageFolder, cache: DecodedCache | None, sampler: EpochBatches,
@@ -329,8 +333,14 @@ def training_batches(config: TrainConfig, folder: ImageFolder, cache: DecodedCac
     if config.augment_on == "device":
         # Pixels to the device, augmented there in a few batched ops. Reading the cache is a
         # memory copy, so worker processes would only take cores from the model.
-        augment = BatchTwoViews(config.augment, config.image_size, config.crop_min_scale,
-                                blur_relative=config.blur_relative)
+        augment: BatchTwoViews | BatchMultiCrop = BatchTwoViews(config.augment, config.image_size,
+                                                                config.crop_min_scale,
+                                                                blur_relative=config.blur_relative)
+        if config.multi_crop:
+            augment = BatchMultiCrop(config.augment, config.image_size, config.crop_min_scale,
+                                     count=config.multi_crop, small_size=config.small_crop_size,
+                                     small_scale=tuple(config.small_crop_scale),
+                                     blur_relative=config.blur_relative)
         dataset: Dataset = RawImages(folder.refs, config.image_size, cache)
         workers, collate = (0 if cache is not None else config.workers), collate_padded
     else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from moco.config import TrainConfig, queue_cap_for_data
+from moco.progressive import describe
 
 MOMENTUM_HORIZON_FRACTION = 0.02
 """The key encoder's averaging horizon 1/(1-m) may span at most 2% of the planned steps, so
@@ -176,4 +177,35 @@ def fit_recipe(config: TrainConfig, explicit: Collection[str]) -> list[str]:
         notes.append(f"base_lr {config.base_lr:g} -> {SHORT_RUN_BASE_LR:g}: with the batch-normed head a "
                      "higher rate leaves the random level within a few hundred steps")
         config.base_lr = SHORT_RUN_BASE_LR
+    return notes
+
+
+SMALL_CROP_FRACTION = 0.45
+"""Multi-crop's small crops are 0.45 of the training size by default (SwAV and DINO: 96 px
+small crops beside 224 px global ones, 0.43), rounded to a multiple of 8: 32 px at 64 px, 16 at
+32. A small crop costs about its pixels' share of a global view's forward, a fifth here."""
+
+
+def default_small_crop_size(image_size: int) -> int:
+    """SMALL_CROP_FRACTION of `image_size`, to a multiple of 8 (at least 8)."""
+    return max(8, int(round(SMALL_CROP_FRACTION * image_size / 8)) * 8)
+
+
+def fit_crops(config: TrainConfig) -> list[str]:
+    """Derive what --multi-crop and --progressive leave unset, in place; one note per value
+    with its reason. Both are opt-in, so --paper-defaults does not turn them off."""
+    notes: list[str] = []
+    if config.multi_crop:
+        if not config.small_crop_size:
+            config.small_crop_size = default_small_crop_size(config.image_size)
+            why = (f"{SMALL_CROP_FRACTION:g} of --image-size {config.image_size} to a multiple of 8, like "
+                   "SwAV/DINO's 96 px beside 224 px")
+        else:
+            why = "as given"
+        low, high = config.small_crop_scale
+        notes.append(f"multi_crop {config.multi_crop}: {config.multi_crop} small crops per image at "
+                     f"{config.small_crop_size} px ({why}), each {low:g}-{high:g} of the image's area; query "
+                     "encoder only, positives the global views' keys")
+    if config.progressive:
+        notes.append(describe(config.image_size, config.progressive))
     return notes

@@ -255,9 +255,13 @@ class MoCo(nn.Module):
         labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return F.cross_entropy(logits, labels)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor, m: float) -> torch.Tensor:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, m: float,
+                small: torch.Tensor | None = None) -> torch.Tensor:
         """One training step's loss. The key encoder is updated first, with the query
-        encoder as left by the previous optimizer step (the official order)."""
+        encoder as left by the previous optimizer step (the official order).
+
+        `small` (multi-crop): C small crops per image, [C x N, 3, s, s] copy-major; they are
+        queries only (one forward at their own size), each positive the key of a global view."""
         q1 = self.queries(view1)
         q2 = self.queries(view2) if self.symmetric else None
         with torch.no_grad():
@@ -266,9 +270,24 @@ class MoCo(nn.Module):
             k1 = self.keys(view1) if self.symmetric else None
         if self.symmetric:
             loss = self.info_nce(q1, k2) + self.info_nce(q2, k1)
-            # Both directions have used the queue before anything is added to it.
-            self.enqueue(distributed.gather(torch.cat([k1, k2])))
         else:
             loss = self.info_nce(q1, k2)
-            self.enqueue(distributed.gather(k2))
+        if small is not None:
+            loss = self.with_small_crops(loss, self.queries(small), k1, k2)
+        # Every query has used the queue before anything is added to it.
+        self.enqueue(distributed.gather(torch.cat([k1, k2]) if self.symmetric else k2))
         return loss
+
+    def with_small_crops(self, global_loss: torch.Tensor, small_q: torch.Tensor, k1: torch.Tensor | None,
+                         k2: torch.Tensor) -> torch.Tensor:
+        """The loss as the mean over every query, global and small, in the global loss's scale
+        (the symmetric loss is the sum of its two directions, so twice the mean).
+
+        Each small crop's positive is the key of view 2, or with the symmetric loss both global
+        keys, its two losses averaged (solo-learn's MoCo V2+ multi-crop); its negatives are
+        those of a global query (the queue, the batch's keys). Keys never come from small crops."""
+        crops = small_q.shape[0] // k2.shape[0]
+        keys = [k1, k2] if self.symmetric else [k2]
+        small_loss = sum(self.info_nce(q, k) for q in small_q.chunk(crops) for k in keys) / len(keys)
+        global_queries = len(keys)  # per image: 2 with the symmetric loss, else 1
+        return len(keys) * (global_loss + small_loss) / (global_queries + crops)

@@ -328,12 +328,21 @@ class Pacer:
     "min")` makes every process of a distributed run decide alike (each calls the same methods
     the same number of times). A resumed session keeps to the stored plan: it never starts the
     safety net, so `recheck` leaves the plan alone.
+
+    `cost(fraction)`: a step's price at `fraction` of the schedule relative to a full one, for
+    steps that grow dearer as the run goes (progressive resolution). The timing steps (at
+    fraction 0) then give the price of a full step, the plan fits the summed prices of its
+    steps to the budget, and the safety net measures the pace per full step, so a run whose
+    later steps cost four times its first ones neither overruns nor sees a slowdown where
+    there is none. None: every step costs the same (the timed pace is the pace).
     """
 
     def __init__(self, plan: Plan, *, clock: Callable[[], float], started: float, elapsed: float = 0.0,
                  batch_size: int, checkpoint_every_s: float, monitor: bool, compiled: bool = False,
-                 agree: Callable[[float, str], float] = alone, wall: Callable[[], float] = time.time) -> None:
+                 agree: Callable[[float, str], float] = alone, wall: Callable[[], float] = time.time,
+                 cost: Callable[[float], float] | None = None) -> None:
         self.plan = plan
+        self.cost = cost
         self.clock, self.agree, self.wall = clock, agree, wall
         self.started = started
         self.batch_size, self.checkpoint_every_s = batch_size, checkpoint_every_s
@@ -343,6 +352,7 @@ class Pacer:
         self.overhead = 0.0  # seconds spent on evaluations and checkpoints, left out of the pace
         self.checkpoint_s: float | None = None  # the last checkpoint's write time
         self.step_s = 0.0  # seconds per step, as timed
+        self.unit_s = 0.0  # seconds per full-price step (= step_s without a cost function)
         self.timed_steps = 0
         self._stamps: list[tuple[int, float]] = []  # (step, busy seconds) while timing steps
         self._planned_pace: tuple[int, float] = (0, 0.0)  # (step, busy seconds) where the timing began
@@ -393,6 +403,7 @@ class Pacer:
         self.timed_steps = max(1, last[0] - first[0])
         step_s = max(1e-6, (last[1] - first[1]) / self.timed_steps)
         self.step_s = self.agree(step_s, "max")  # the slowest process sets the pace
+        self.unit_s = self.step_s if self.cost is None else self.step_s / self.cost(0.0)
         return self.step_s
 
     def make_plan(self, step: int, *, eval_s: float, evals_wanted: int, state_bytes: int) -> int:
@@ -404,9 +415,19 @@ class Pacer:
         evals = plan_monitor_evals(evals_wanted, eval_s, budget) if self.monitor else 0
         now = self.clock()
         every_s = self.checkpoint_every_s
-        steps = plan_steps(self.deadline - now, step_s=step_s, eval_s=eval_s, evals=evals,
-                           checkpoint_s=checkpoint_s, checkpoints=2, checkpoint_every_s=every_s,
-                           margin_s=margin_seconds(budget))
+
+        def fit(seconds_per_step: float) -> int:
+            return plan_steps(self.deadline - now, step_s=seconds_per_step, eval_s=eval_s, evals=evals,
+                              checkpoint_s=checkpoint_s, checkpoints=2, checkpoint_every_s=every_s,
+                              margin_s=margin_seconds(budget))
+
+        steps = fit(step_s)
+        if self.cost is not None:  # the steps' mean price over the schedule, then over exactly that many
+            step_s = self.unit_s * mean_cost(self.cost, 0.0)
+            steps = fit(step_s)
+            if steps:
+                exact = self.unit_s * sum(self.cost((i + 1) / steps) for i in range(steps)) / steps
+                steps, step_s = min(steps, fit(exact)), max(step_s, exact)
         steps = int(self.agree(steps, "min"))
         plan.total_steps, plan.schedule_start, plan.schedule_steps = step + steps, step, steps
         plan.monitor_evals = evals if steps else 0
@@ -415,13 +436,17 @@ class Pacer:
                     + checkpoint_s * (2 + periodic_checkpoints(train_s, every_s)))
         wall_start = self.wall() - (now - self.started)
         plan.measured = {
-            "img_per_s": round(self.batch_size / step_s, 2), "step_s": step_s, "timed_steps": self.timed_steps,
+            "img_per_s": round(self.batch_size / self.step_s, 2), "step_s": self.step_s,
+            "timed_steps": self.timed_steps,
             "eval_s": round(eval_s, 3), "checkpoint_s": round(checkpoint_s, 3),
             "planned_at_step": step, "planned_at_s": round(now - self.started, 2),
             "expected_end_s": round(expected, 1),
             "started_at": datetime.fromtimestamp(wall_start).isoformat(timespec="seconds"),
             "expected_end": datetime.fromtimestamp(wall_start + expected).isoformat(timespec="seconds"),
         }
+        if self.cost is not None:
+            plan.measured["full_step_s"] = self.unit_s  # the timed pace at the full price
+            plan.measured["mean_step_s"] = step_s  # ... and at the planned steps' mean price
         self._planned_at, self._eval_s, self._checkpoint_estimate = now, eval_s, checkpoint_s
         return steps
 
@@ -442,6 +467,9 @@ class Pacer:
                 f"timed over {self.timed_steps} steps{monitor}, checkpoints ~{self._checkpoint_estimate:.1f} s; "
                 f"expected end {measured['expected_end'][11:]} "
                 f"(started {measured['started_at'][11:]}, {self._planned_at - self.started:.0f} s ago)")
+        if self.cost is not None:
+            text += (f"; steps priced by resolution: {self.batch_size / max(1e-9, self.unit_s):.1f} img/s at the "
+                     f"full size, {self.batch_size / max(1e-9, measured['mean_step_s']):.1f} over the plan")
         if steps == 0:
             text += "\nwarning: start-up and timing used up the time budget; ending with the steps done"
         return text
@@ -468,10 +496,10 @@ class Pacer:
         while len(self._pace) > 2 and busy - self._pace[1][1] >= window:
             self._pace.popleft()
         first_step, first_busy = self._pace[0]
-        recent_s = (busy - first_busy) / max(1, step - first_step)
+        recent_s = self._per_step(busy - first_busy, first_step, step)
         new_total = plan.total_steps
         if step - self._planned_pace[0] >= RECHECK_MIN_STEPS and step > first_step and plan.total_steps > step:
-            since_plan_s = (busy - self._planned_pace[1]) / max(1, step - self._planned_pace[0])
+            since_plan_s = self._per_step(busy - self._planned_pace[1], self._planned_pace[0], step)
             new_total = self.decide(step, now, recent_s=recent_s, since_plan_s=since_plan_s)
         # Every process takes part (the same number of times), and all follow the most cautious.
         new_total = int(self.agree(new_total, "min"))
@@ -485,7 +513,8 @@ class Pacer:
 
     def decide(self, step: int, now: float, *, recent_s: float, since_plan_s: float) -> int:
         """The plan's last step, given the seconds per step over the last few minutes
-        (`recent_s`) and since the plan was made (`since_plan_s`), at time `now`.
+        (`recent_s`) and since the plan was made (`since_plan_s`), at time `now` (per full-price
+        step, with a cost function).
 
         Shortening follows the recent pace (the machine got slower) once the pace since the plan
         agrees, or on its own near the deadline (TRUST_RECENT_WINDOWS). Lengthening is for
@@ -509,7 +538,10 @@ class Pacer:
     def replan_summary(self, change: Replan) -> str:
         """A re-plan in words, for the console."""
         behind = "behind" if change.verb == "shortened" else "ahead of"
-        return (f"{behind} the plan: {change.img_per_s:.1f} img/s now against {self.plan.measured['img_per_s']:.1f} "
+        timed, priced = self.plan.measured["img_per_s"], ""
+        if self.cost is not None:  # both paces per full-price step
+            timed, priced = self.batch_size / max(1e-9, self.unit_s), " at the full size"
+        return (f"{behind} the plan: {change.img_per_s:.1f} img/s{priced} now against {timed:.1f} "
                 f"timed; {change.verb} from {change.was} to {change.total_steps} steps to end within the "
                 f"{format_duration(self.plan.budget_s)} budget (LR and momentum schedules now complete at step "
                 f"{change.total_steps})")
@@ -529,12 +561,41 @@ class Pacer:
     def _projected_late(self, step: int, now: float, step_s: float) -> float:
         """Seconds past the deadline the plan would end at `step_s` per step (negative: early)."""
         eval_s, evals, checkpoint_s, every_s = self._remaining_costs(step)
-        train_s = (self.plan.total_steps - step) * step_s
+        train_s = self._cost_between(step, self.plan.total_steps) * step_s
         projected = (now + train_s + evals * eval_s + FINISH_S
                      + checkpoint_s * (1 + periodic_checkpoints(train_s, every_s)))
         return projected - self.deadline
 
     def _steps_that_fit(self, step: int, now: float, step_s: float) -> int:
         eval_s, evals, checkpoint_s, every_s = self._remaining_costs(step)
+        if self.cost is not None:  # a re-plan spreads the rest of the schedule over the new steps
+            step_s *= mean_cost(self.cost, self._fraction(step))
         return plan_steps(self.deadline - now, step_s=step_s, eval_s=eval_s, evals=evals, checkpoint_s=checkpoint_s,
                           checkpoints=1, checkpoint_every_s=every_s, margin_s=margin_seconds(self.plan.budget_s))
+
+    # -- steps of unequal price (a cost function) -------------------------------------------------
+    def _fraction(self, step: float) -> float:
+        plan = self.plan
+        if not plan.planned or not plan.schedule_steps:
+            return 0.0
+        return plan.schedule_step(step) / plan.schedule_steps
+
+    def _cost_between(self, first: int, last: int) -> float:
+        """The summed price of the steps after `first` up to `last` (`last - first` without a
+        cost function); step i (counting from 0) is priced where the schedule stands when it is
+        done (at i + 1), as `moco.train` sizes it."""
+        if self.cost is None:
+            return last - first
+        return sum(self.cost(self._fraction(i + 1)) for i in range(first, last))
+
+    def _per_step(self, seconds: float, first: int, last: int) -> float:
+        """`seconds` spent on the steps after `first` up to `last`, per (full-price) step."""
+        if self.cost is None:
+            return seconds / max(1, last - first)
+        return seconds / max(1e-9, self._cost_between(first, last)) if last > first else seconds
+
+
+def mean_cost(cost: Callable[[float], float], start: float, samples: int = 256) -> float:
+    """The mean of `cost` over the schedule from `start` (a fraction) to its end."""
+    width = (1.0 - start) / samples
+    return sum(cost(start + (k + 0.5) * width) for k in range(samples)) / samples

@@ -31,12 +31,13 @@ from moco.cache import training_cache
 from moco.checkpoint import CHECKPOINT_NAME, checkpoint_bytes, restore_training_state, save_checkpoint, training_state
 from moco.config import TrainConfig
 from moco.data import EpochBatches, ImageFolder, training_batches
-from moco.defaults import fit_to_plan
+from moco.defaults import default_small_crop_size, fit_to_plan
 from moco.evaluate import KnnMonitor, calibrated_copy
 from moco.model import MoCo
 from moco.optim import build_optimizer
 from moco.pacer import MONITOR_MAX_SHARE, Pacer, Plan, Replan, format_duration, monitor_images_that_fit
 from moco.precision import resolve_precision
+from moco.progressive import progressive_size, relative_cost
 from moco.quality import QualityTracker, cpu_copy
 from moco.runlog import MetricsLog, Progress, StopFlag, TrainingDiverged, TrainingStopped, tidy_run_dir
 
@@ -58,6 +59,8 @@ class Trainer:
         self.explicit = frozenset(explicit)
         self.started = time.monotonic() if started is None else started
         config.embedding_dim = WIDTHS[config.arch]
+        if config.multi_crop and not config.small_crop_size:  # `python -m moco` derives it and says so
+            config.small_crop_size = default_small_crop_size(config.image_size)
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
@@ -151,7 +154,8 @@ class Trainer:
         self.pacer = Pacer(self.plan, clock=time.monotonic, started=self.started, elapsed=self.progress.elapsed,
                            batch_size=config.batch_size, checkpoint_every_s=config.checkpoint_every * 60,
                            monitor=self.monitor is not None, compiled=config.compile,
-                           agree=lambda value, op: distributed.reduce_over_ranks(value, op, device=device))
+                           agree=lambda value, op: distributed.reduce_over_ranks(value, op, device=device),
+                           cost=self._step_cost if config.progressive else None)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> Progress:
@@ -267,13 +271,35 @@ class Trainer:
         lr = self.last_lr = plan.lr(step, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x1, x2 = self.views(batch, self.progress.epoch, self.progress.batch_in_epoch)
-        loss = self.forward(x1, x2, plan.momentum(step, config))  # autocasts its encoders (moco.model)
+        size = self.training_size(step)
+        views = (self.views(batch, self.progress.epoch, self.progress.batch_in_epoch) if size is None
+                 else self.views(batch, self.progress.epoch, self.progress.batch_in_epoch, size=size))
+        # (view1, view2[, small crops]); the model autocasts its encoders (moco.model)
+        loss = self.forward(views[0], views[1], plan.momentum(step, config), *views[2:])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.progress.step += 1
         self.pending.append(loss.detach())
+
+    def training_size(self, step: int) -> int | None:
+        """The views' size for step `step` (counting from 0) with --progressive (None without):
+        from where the plan's schedule stands once the step is done, so it follows a re-planned
+        budget and the last step of any plan is at the full size; the timing steps run at the
+        start size."""
+        if not self.config.progressive:
+            return None
+        return progressive_size(self._schedule_fraction(step + 1), self.config.image_size, self.config.progressive)
+
+    def _schedule_fraction(self, step: float) -> float:
+        plan = self.plan
+        if not plan.planned or not plan.schedule_steps:
+            return 0.0
+        return plan.schedule_step(step) / plan.schedule_steps
+
+    def _step_cost(self, fraction: float) -> float:
+        """The pacer's price of a step at `fraction` of the schedule, relative to a full-size one."""
+        return relative_cost(fraction, self.config.image_size, self.config.progressive)
 
     def _fetch_losses(self) -> list[float]:
         """Bring the pending losses to the host (the one synchronisation) and stop on NaN/inf."""
@@ -293,9 +319,12 @@ class Trainer:
         p = self.progress
         if self.metrics is None:
             return
-        self.metrics.write({"kind": "step", "step": p.step, "epoch": p.epoch, "loss": loss, "lr": self.last_lr,
-                            "moco_m": self.plan.momentum(p.step - 1, self.config), "img_per_s": rate,
-                            "data_wait": wait_share, "time": self._now()})
+        record = {"kind": "step", "step": p.step, "epoch": p.epoch, "loss": loss, "lr": self.last_lr,
+                  "moco_m": self.plan.momentum(p.step - 1, self.config), "img_per_s": rate,
+                  "data_wait": wait_share, "time": self._now()}
+        if self.config.progressive:
+            record["image_size"] = self.training_size(p.step - 1)
+        self.metrics.write(record)
 
     def _end_epoch(self, losses: list[float], images: int, waited: float, computed: float) -> None:
         p = self.progress

@@ -33,7 +33,7 @@ def test_margins():
 
 def test_active_picks_come_from_the_uncertain_bridge_and_differ():
     x, y = two_blobs_and_a_bridge()
-    labelled = np.array([0, 1, 60, 61])
+    labelled = np.array([0, 1, 2, 3, 4, 60, 61, 62, 63, 64])  # five per class: past the coverage phase
     picks = active_suggestions(x, labelled, y[labelled], 4)
     assert len(picks) == 4 and len(set(picks.tolist())) == 4
     assert not set(picks.tolist()) & set(labelled.tolist())
@@ -84,18 +84,18 @@ def test_first_picks_cover_every_cluster_with_a_typical_image():
             assert x[p] @ centre >= np.median(x[members] @ centre), "a central image, not one from the fringe"
 
 
-def test_coverage_until_two_labels_per_class_then_uncertainty():
+def test_coverage_until_five_labels_per_class_then_uncertainty():
     assert suggestion_phase([]) == "coverage"
-    assert suggestion_phase([3, 3, 3, 3]) == "coverage", "one class: no margin to measure"
+    assert suggestion_phase([3] * 12) == "coverage", "one class: no margin to measure"
     assert suggestion_phase([0, 1, 2]) == "coverage"
-    assert suggestion_phase([0, 0, 1, 2]) == "coverage"
-    assert suggestion_phase([0, 0, 1, 1]) == "uncertainty"
+    assert suggestion_phase([0] * 5 + [1] * 4) == "coverage"
+    assert suggestion_phase([0] * 5 + [1] * 5) == "uncertainty"
     x, y = two_blobs_and_a_bridge()
-    one_each = np.array([0, 60])
-    np.testing.assert_array_equal(active_suggestions(x, one_each, y[one_each], 4),
-                                  suggest_to_label(x, 4, exclude=one_each))
-    two_each = np.array([0, 1, 60, 61])
-    assert np.all(active_suggestions(x, two_each, y[two_each], 4) >= 120), "uncertain: the bridge"
+    four_each = np.array([0, 1, 2, 3, 60, 61, 62, 63])
+    np.testing.assert_array_equal(active_suggestions(x, four_each, y[four_each], 4),
+                                  suggest_to_label(x, 4, exclude=four_each))
+    five_each = np.array([0, 1, 2, 3, 4, 60, 61, 62, 63, 64])
+    assert np.all(active_suggestions(x, five_each, y[five_each], 4) >= 120), "uncertain: the bridge"
 
 
 def test_second_round_goes_to_the_clusters_without_a_label():
@@ -107,7 +107,7 @@ def test_second_round_goes_to_the_clusters_without_a_label():
 
 def test_suggestions_are_deterministic_for_a_seed():
     x, y = two_blobs_and_a_bridge()
-    for labelled in (np.zeros(0, dtype=np.int64), np.array([0, 60]), np.array([0, 1, 60, 61])):
+    for labelled in (np.zeros(0, dtype=np.int64), np.array([0, 60]), np.array([0, 1, 2, 3, 4, 60, 61, 62, 63, 64])):
         first = active_suggestions(x, labelled, y[labelled], 4, seed=7)
         np.testing.assert_array_equal(first, active_suggestions(x, labelled, y[labelled], 4, seed=7))
         assert not set(first.tolist()) & set(labelled.tolist())
