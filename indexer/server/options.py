@@ -110,8 +110,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--api-key-file", type=Path, help="file holding the API key (one line); then every endpoint "
                    "except /health needs the header 'Authorization: Bearer KEY'")
-    p.add_argument("--workers", type=positive_int, default=1, help="server processes (default 1); they share "
-                   "the memory-mapped vectors")
+    p.add_argument("--workers", type=positive_int, default=1, help="server processes (default 1; one per core "
+                   "for throughput: a process's Python work runs on one core); they share the memory-mapped vectors")
     p.add_argument("--max-upload-mb", type=_megabytes, default=DEFAULT_MAX_UPLOAD_MB,
                    help=f"largest request body in MB (default {DEFAULT_MAX_UPLOAD_MB})")
     p.add_argument("--max-k", type=positive_int, default=DEFAULT_MAX_K,
