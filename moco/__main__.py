@@ -105,28 +105,27 @@ def _add_hyper_parameters(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--std", type=_floats, default=None, help="normalisation std, e.g. 0.229,0.224,0.225")
 
 
+def _numbers(text: str, count: int, what: str) -> tuple[float, ...]:
+    """Exactly `count` comma-separated numbers, else ValueError naming `what` was expected."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise ValueError(f"expected {what}, got {text!r}")
+    return values
+
+
 @from_parser
 def _floats(text: str) -> tuple[float, ...]:
     """--mean/--std: three comma-separated numbers, one per RGB channel."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise ValueError(f"expected three comma-separated numbers, got {text!r}")
-    return values
+    return _numbers(text, 3, "three comma-separated numbers")
 
 
 @from_parser
-def _scale_range(text: str) -> tuple[float, float]:
+def _scale_range(text: str) -> tuple[float, ...]:
     """--small-crop-scale: two comma-separated numbers, LO,HI."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 2:
-        raise ValueError(f"expected LO,HI (two comma-separated numbers), got {text!r}")
-    return values
+    return _numbers(text, 2, "LO,HI (two comma-separated numbers)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,7 +64,7 @@ class TrainConfig:
     blur_relative: bool = False  # scale the blur's sigma with the training size (the paper's is for 224 px)
     augment_on: str = "device"  # device: batched tensor ops on the training device | workers: per image
     multi_crop: int = 0  # small crops per image besides the two global views (query encoder only); 0: off
-    small_crop_size: int = 0  # their resolution; 0: derived from image_size at start (moco.multicrop)
+    small_crop_size: int = 0  # their resolution; 0: derived from image_size at start (moco.defaults)
     small_crop_scale: tuple[float, float] = (0.05, 0.3)  # their random-resized-crop area range
     progressive: float = 0.0  # start at this fraction of image_size and rise to it (moco.progressive); 0: off
     # Data and records.

@@ -318,8 +318,7 @@ class ViewsOnDevice:
             position = batch_in_epoch * self.world_size + self.rank
             generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
             images = images.to(self.device, non_blocking=True)
-            views = (self.augment(images, sizes, generator) if size is None
-                     else self.augment(images, sizes, generator, size=size))
+            views = self.augment(images, sizes, generator, size=size)
         else:
             view1, view2, _ = batch
             views = view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True)
@@ -333,14 +332,15 @@ def training_batches(config: TrainConfig, folder: ImageFolder, cache: DecodedCac
     if config.augment_on == "device":
         # Pixels to the device, augmented there in a few batched ops. Reading the cache is a
         # memory copy, so worker processes would only take cores from the model.
-        augment: BatchTwoViews | BatchMultiCrop = BatchTwoViews(config.augment, config.image_size,
-                                                                config.crop_min_scale,
-                                                                blur_relative=config.blur_relative)
+        augment: BatchTwoViews | BatchMultiCrop
         if config.multi_crop:
             augment = BatchMultiCrop(config.augment, config.image_size, config.crop_min_scale,
                                      count=config.multi_crop, small_size=config.small_crop_size,
                                      small_scale=tuple(config.small_crop_scale),
                                      blur_relative=config.blur_relative)
+        else:
+            augment = BatchTwoViews(config.augment, config.image_size, config.crop_min_scale,
+                                    blur_relative=config.blur_relative)
         dataset: Dataset = RawImages(folder.refs, config.image_size, cache)
         workers, collate = (0 if cache is not None else config.workers), collate_padded
     else:

@@ -272,8 +272,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         size = self.training_size(step)
-        views = (self.views(batch, self.progress.epoch, self.progress.batch_in_epoch) if size is None
-                 else self.views(batch, self.progress.epoch, self.progress.batch_in_epoch, size=size))
+        views = self.views(batch, self.progress.epoch, self.progress.batch_in_epoch, size=size)
         # (view1, view2[, small crops]); the model autocasts its encoders (moco.model)
         loss = self.forward(views[0], views[1], plan.momentum(step, config), *views[2:])
         self.optimizer.zero_grad(set_to_none=True)
