@@ -23,11 +23,13 @@ from moco.optim import build_optimizer  # noqa: E402
 
 
 def images_per_second(size: int, batch: int, channels_last: bool, splits: int, steps: int,
-                      short_run_recipe: bool = True) -> float:
+                      short_run_recipe: bool = True, precision: str = "fp32") -> float:
     """`short_run_recipe`: the model as `moco train` builds it by default (issue 7's BN head and
-    batch negatives); False gives the preset's plain v2 model."""
+    batch negatives); False gives the preset's plain v2 model. `precision`: fp32 or bf16 (autocast
+    of the encoders, as `moco train --precision`)."""
     torch.manual_seed(0)
-    config = build_config(dict(image_size=size, stem="imagenet", queue_size=512, bn_splits=splits, batch_size=batch))
+    config = build_config(dict(image_size=size, stem="imagenet", queue_size=512, bn_splits=splits, batch_size=batch,
+                               precision=precision))
     if short_run_recipe:
         fit_recipe(config, explicit=set())
     model = MoCo(config)

@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                        help="arithmetic of the encoders: bf16 autocast or fp32; auto (the default) picks bf16 on "
-                       "CUDA and on CPUs with AMX or AVX-512-BF16, fp32 elsewhere (with --resume: the run's own, "
-                       "unless given)")
+                       "CUDA, fp32 on CPUs (bf16 on a CPU with AMX is faster at 64 px, not at 32 px: see "
+                       "BENCHMARKS.md) (with --resume: the run's own, unless given)")
     _add_hyper_parameters(train)
 
     evaluate = commands.add_parser("eval", help="kNN, linear-probe and few-label accuracy of a checkpoint",

@@ -22,10 +22,11 @@ import torch
 PRECISIONS = ("auto", "fp32", "bf16")
 
 CPU_BF16_BY_DEFAULT = False
-"""Whether `auto` picks bf16 on a CPU that computes it natively. Off until the accuracy runs of
-issue 18 (same steps in bf16 and fp32 on 3 seeds; same budget) show it costs nothing: in this
-session a 16-image, two-process run at LR 0.6 diverged to NaN in bf16 where fp32 did not, and
-the inductor-compiled bf16 step gave NaN at once. `--precision bf16` uses it today."""
+"""Whether `auto` picks bf16 on a CPU that computes it natively. Off: the same steps cost no
+accuracy in bf16 (3 flowers seeds) and 30 minutes at 64 px gained 9 kNN points, but at 32 px bf16
+ran 0.85x fp32's images per second (BENCHMARKS.md, "bf16 training on an AMX CPU"); a rule by image
+size, or by timing both, is still to be measured. A 16-image, two-process run at LR 0.6 once
+diverged to NaN in bf16 where fp32 did not, and the inductor-compiled bf16 step gave NaN at once."""
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -66,8 +67,8 @@ def choose_precision(requested: str, device: torch.device, *, compiled: bool = F
         if cpu_has_fast_bf16() and CPU_BF16_BY_DEFAULT:
             return torch.bfloat16, "bf16: this CPU has AMX or AVX-512-BF16"
         if cpu_has_fast_bf16():
-            return None, ("fp32: this CPU has AMX or AVX-512-BF16, but bf16 training on a CPU is not yet "
-                          "shown to match fp32 accuracy (--precision bf16 to use it: ~1.4x faster steps)")
+            return None, ("fp32: this CPU has AMX or AVX-512-BF16, but bf16 is faster there only on larger "
+                          "images (measured: 1.5x the steps at 64 px, slower at 32 px; --precision bf16 to use it)")
         return None, "fp32: this CPU has neither AMX nor AVX-512-BF16 (bf16 would be emulated, far slower)"
     return None, f"fp32: bf16 autocast is not tried on {device.type}"
 

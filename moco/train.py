@@ -182,7 +182,7 @@ class Trainer:
                     # step
                     stepped = batch is not None and batch[0].shape[0] >= 2
                     if stepped:
-                        self._step(batch)
+                        self.train_step(batch)
                         images_seen += batch[0].shape[0] * self.world.size
                         # The GPU runs ahead; losses are fetched only when they are shown or logged
                         # (and while steps are being timed, so the clock sees them finish).
@@ -229,7 +229,7 @@ class Trainer:
                 bar.close()
                 losses.extend(self._fetch_losses())
                 if progress.batch_in_epoch >= epoch_batches:
-                    self._end_epoch(losses, images_seen, waited, computed)
+                    self.end_epoch(losses, images_seen, waited, computed)
                     if plan.mode == "epochs":
                         last_checkpoint = time.monotonic()
             self._finish()
@@ -266,7 +266,10 @@ class Trainer:
         return True
 
     # -- step ----------------------------------------------------------------------------------
-    def _step(self, batch) -> None:
+    def train_step(self, batch) -> None:
+        """One optimisation step on `batch` (the loader's tensors). The loop's unit of work, public
+        so that a subclass or a test can wrap it (a kill or a fault at a chosen step) without
+        reaching into the loop; the loop counts the step and fetches its loss around it."""
         config, plan, step = self.config, self.plan, self.progress.step
         lr = self.last_lr = plan.lr(step, config)
         for group in self.optimizer.param_groups:
@@ -309,8 +312,9 @@ class Trainer:
         self.pending.clear()
         for offset, value in enumerate(values):
             if not math.isfinite(value):
+                hint = "a lower --lr" + (" or --precision fp32" if self.config.precision == "bf16" else "")
                 raise TrainingDiverged(f"the loss became {value} at step {first_step + offset}; stopped, and the "
-                                       "last good checkpoint was kept (try a lower --lr)")
+                                       f"last good checkpoint was kept (try {hint})")
         return values
 
     # -- log -----------------------------------------------------------------------------------
@@ -325,7 +329,9 @@ class Trainer:
             record["image_size"] = self.training_size(p.step - 1)
         self.metrics.write(record)
 
-    def _end_epoch(self, losses: list[float], images: int, waited: float, computed: float) -> None:
+    def end_epoch(self, losses: list[float], images: int, waited: float, computed: float) -> None:
+        """Close an epoch: count it, log its record, checkpoint it (epoch plans). Public for the
+        same reason as `train_step`: "killed right after an epoch's checkpoint" wraps this."""
         p = self.progress
         p.epoch += 1
         p.batch_in_epoch = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,25 @@ def make_image_folder(root: Path, *, classes: int = 3, per_class: int = 8, seed:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "train")
+
+
+@contextmanager
+def killed_after_first_epoch(monkeypatch: pytest.MonkeyPatch):
+    """Inside the block a `moco train` run is killed (KeyboardInterrupt, as Ctrl-C) right after its
+    first epoch's checkpoint is written: the resume tests' crash."""
+    from moco.train import Trainer
+
+    original = Trainer.end_epoch
+
+    def end_epoch_then_die(self, *args):
+        original(self, *args)  # the epoch's checkpoint is written here
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "end_epoch", end_epoch_then_die)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Trainer, "end_epoch", original)
 
 
 class _CreatesMarker:

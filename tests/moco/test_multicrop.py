@@ -16,7 +16,7 @@ from moco.checkpoint import load_checkpoint
 from moco.config import build_config
 from moco.defaults import default_small_crop_size
 from moco.model import MoCo
-from moco.train import Trainer
+from tests.moco.conftest import killed_after_first_epoch
 
 FAST = ["--image-size", "32", "--stem", "imagenet", "--batch-size", "8", "--workers", "0", "--log-every", "1",
         "--seed", "1", "--no-channels-last"]
@@ -159,15 +159,8 @@ def test_a_multi_crop_run_trains_and_a_resume_keeps_its_flags_exactly(image_fold
     straight = step_losses(tmp_path / "straight")
     assert len(straight) == 6 and all(loss == loss for loss in straight)
 
-    original = Trainer._end_epoch
-
-    def end_epoch_then_die(self, *a):
-        original(self, *a)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch_then_die)
-    assert main(["train", str(image_folder), "--out", str(tmp_path / "killed"), *args]) == 130
-    monkeypatch.setattr(Trainer, "_end_epoch", original)
+    with killed_after_first_epoch(monkeypatch):
+        assert main(["train", str(image_folder), "--out", str(tmp_path / "killed"), *args]) == 130
     assert main(["train", "--resume", str(tmp_path / "killed"), "--multi-crop", "4"]) == 2
     assert "only --epochs, --workers, --precision" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0

@@ -422,14 +422,14 @@ def test_a_resumed_budget_run_keeps_its_plan_and_finishes_it(image_folder, tmp_p
     monkeypatch.setattr(moco.pacer, "measure_seconds", lambda budget: 0.0)
     monkeypatch.setattr(moco.pacer, "plan_steps", lambda *args, **kwargs: 4)
     monkeypatch.setattr(moco.pacer, "EXTEND_UNTIL_FRACTION", -1.0)  # 4 steps in 10 minutes: never lengthen
-    original = Trainer._step
+    original = Trainer.train_step
 
     def die_after_the_plan(self, batch):
         if self.plan.planned and self.progress.step == self.plan.schedule_start + 1:
             raise KeyboardInterrupt  # killed, one step into the plan (checkpointed every step)
         return original(self, batch)
 
-    monkeypatch.setattr(Trainer, "_step", die_after_the_plan)
+    monkeypatch.setattr(Trainer, "train_step", die_after_the_plan)
     run = tmp_path / "run"
     assert main(["train", str(image_folder), "--out", str(run), *FAST, "--time-budget", "10m",
                  "--checkpoint-every", "0"]) == 130
@@ -440,7 +440,7 @@ def test_a_resumed_budget_run_keeps_its_plan_and_finishes_it(image_folder, tmp_p
                                                         crashed["config"]["notes"])
     assert "plan: 4 steps" in capsys.readouterr().out
 
-    monkeypatch.setattr(Trainer, "_step", original)
+    monkeypatch.setattr(Trainer, "train_step", original)
     monkeypatch.setattr(moco.pacer, "plan_steps", lambda *args, **kwargs: 1000)  # a re-plan would show
     assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out

@@ -10,7 +10,7 @@ from torch import nn
 from moco.__main__ import main
 from moco.checkpoint import backbone_from_state, load_checkpoint, quality_of
 from moco.quality import QualityTracker, noise_margin
-from moco.train import Trainer
+from tests.moco.conftest import killed_after_first_epoch
 
 FAST = ["--image-size", "32", "--stem", "imagenet", "--batch-size", "8", "--workers", "0", "--log-every", "1",
         "--seed", "1", "--no-channels-last"]
@@ -143,15 +143,8 @@ def test_a_run_without_val_ships_its_final_weights_unmeasured(image_folder, tmp_
 def test_resume_keeps_the_quality_record(image_folder, val_folder, tmp_path, monkeypatch):
     args = [*FAST, "--epochs", "2", "--deterministic", "--val", str(val_folder)]
     assert main(["train", str(image_folder), "--out", str(tmp_path / "straight"), *args]) == 0
-    original = Trainer._end_epoch
-
-    def end_epoch_then_die(self, *a):
-        original(self, *a)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch_then_die)
-    assert main(["train", str(image_folder), "--out", str(tmp_path / "killed"), *args]) == 130
-    monkeypatch.setattr(Trainer, "_end_epoch", original)
+    with killed_after_first_epoch(monkeypatch):
+        assert main(["train", str(image_folder), "--out", str(tmp_path / "killed"), *args]) == 130
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
     straight, resumed = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "killed")
     assert quality_of(resumed) == quality_of(straight)

@@ -16,6 +16,7 @@ import torch
 from moco.__main__ import main
 from moco.checkpoint import load_checkpoint
 from moco.train import Trainer
+from tests.moco.conftest import killed_after_first_epoch
 
 # Small and fast: ImageNet stem at 32 px, NCHW (channels-last is slower at batch 8 on this CPU).
 FAST = ["--image-size", "32", "--stem", "imagenet", "--batch-size", "8", "--workers", "0", "--log-every", "1",
@@ -31,16 +32,9 @@ def test_resume_after_an_epoch_repeats_the_uninterrupted_run_exactly(image_folde
     args = [*FAST, "--epochs", "2", "--deterministic"]
     assert main(["train", str(image_folder), "--out", str(tmp_path / "straight"), *args]) == 0
 
-    original = Trainer._end_epoch
-
-    def end_epoch_then_die(self, *a):
-        original(self, *a)  # the epoch's checkpoint is written here
-        raise KeyboardInterrupt  # then the process is killed
-
-    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch_then_die)
-    assert main(["train", str(image_folder), "--out", str(tmp_path / "killed"), *args]) == 130
+    with killed_after_first_epoch(monkeypatch):
+        assert main(["train", str(image_folder), "--out", str(tmp_path / "killed"), *args]) == 130
     assert load_checkpoint(tmp_path / "killed")["progress"]["epoch"] == 1
-    monkeypatch.setattr(Trainer, "_end_epoch", original)
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
 
     expected = step_losses(tmp_path / "straight")
@@ -51,7 +45,7 @@ def test_resume_after_an_epoch_repeats_the_uninterrupted_run_exactly(image_folde
 def test_resume_in_the_middle_of_an_epoch_is_exact_too(image_folder, tmp_path, monkeypatch):
     args = [*FAST, "--epochs", "1", "--deterministic", "--checkpoint-every", "0"]
     assert main(["train", str(image_folder), "--out", str(tmp_path / "straight"), *args]) == 0
-    original = Trainer._step
+    original = Trainer.train_step
     calls = []
 
     def die_on_third_step(self, batch):
@@ -60,11 +54,11 @@ def test_resume_in_the_middle_of_an_epoch_is_exact_too(image_folder, tmp_path, m
             raise KeyboardInterrupt  # after two steps and their time-based checkpoints
         return original(self, batch)
 
-    monkeypatch.setattr(Trainer, "_step", die_on_third_step)
+    monkeypatch.setattr(Trainer, "train_step", die_on_third_step)
     assert main(["train", str(image_folder), "--out", str(tmp_path / "killed"), *args]) == 130
     state = load_checkpoint(tmp_path / "killed")
     assert (state["progress"]["epoch"], state["progress"]["batch_in_epoch"]) == (0, 2)
-    monkeypatch.setattr(Trainer, "_step", original)
+    monkeypatch.setattr(Trainer, "train_step", original)
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
     assert step_losses(tmp_path / "killed") == step_losses(tmp_path / "straight")
 
@@ -96,9 +90,11 @@ def test_corrupt_files_are_skipped_named_once_and_counted(image_folder, tmp_path
     assert set(skipped) == {"class0/empty.jpg", "class1/text.png", "class2/truncated.png"}
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, monkeypatch, capsys,
+                                                                     precision):
     run = tmp_path / "run"
-    original = Trainer._step
+    original = Trainer.train_step
 
     def nan_in_second_epoch(self, batch):
         if self.progress.epoch == 1:  # weights blow up: the next loss is NaN
@@ -107,9 +103,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_folde
                     p.fill_(float("nan"))
         return original(self, batch)
 
-    monkeypatch.setattr(Trainer, "_step", nan_in_second_epoch)
-    assert main(["train", str(image_folder), "--out", str(run), *FAST, "--epochs", "3"]) == 1
-    assert "the loss became nan" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "train_step", nan_in_second_epoch)
+    assert main(["train", str(image_folder), "--out", str(run), *FAST, "--epochs", "3", "--precision", precision]) == 1
+    err = capsys.readouterr().err
+    assert "the loss became nan" in err and "a lower --lr" in err
+    assert ("--precision fp32" in err) == (precision == "bf16")  # the other way out of a bf16 divergence
     state = load_checkpoint(run)
     assert state["progress"]["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
