@@ -26,9 +26,10 @@ def images_per_second(size: int, batch: int, channels_last: bool, splits: int, s
                       short_run_recipe: bool = True, precision: str = "fp32") -> float:
     """`short_run_recipe`: the model as `moco train` builds it by default (issue 7's BN head and
     batch negatives); False gives the preset's plain v2 model. `precision`: fp32 or bf16 (autocast
-    of the encoders, as `moco train --precision`)."""
+    of the encoders, as `moco train --precision`). The stem is the one `moco train` picks for the
+    size (moco.config.resolve_stem: the small stem below 64 px), so the ceiling is of the same model."""
     torch.manual_seed(0)
-    config = build_config(dict(image_size=size, stem="imagenet", queue_size=512, bn_splits=splits, batch_size=batch,
+    config = build_config(dict(image_size=size, queue_size=512, bn_splits=splits, batch_size=batch,
                                precision=precision))
     if short_run_recipe:
         fit_recipe(config, explicit=set())

@@ -11,22 +11,26 @@ Autocast covers only the encoders' forward (`autocast` below, used by `moco.mode
 queue and the momentum update stay float32: they are cheap, and rounding there would change what
 is learnt (a bf16 logit has 3 significant digits; the queue would lose precision every step).
 The weights are float32 always, so a run may switch precision between sessions.
+
+On such a CPU, bf16 is faster only for some shapes (1.76x at 64 px, 0.85x at 32 px for ResNet-18 on
+a 2-core AMX Xeon), so `auto` there times the run's own step in both precisions first
+(`moco.step_timing`) and keeps bf16 only when it is clearly faster.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
-CPU_BF16_BY_DEFAULT = False
-"""Whether `auto` picks bf16 on a CPU that computes it natively. Off: the same steps cost no
-accuracy in bf16 (3 flowers seeds) and 30 minutes at 64 px gained 9 kNN points, but at 32 px bf16
-ran 0.85x fp32's images per second (BENCHMARKS.md, "bf16 training on an AMX CPU"); a rule by image
-size, or by timing both, is still to be measured. A 16-image, two-process run at LR 0.6 once
-diverged to NaN in bf16 where fp32 did not, and the inductor-compiled bf16 step gave NaN at once."""
+BF16_MIN_SPEEDUP = 1.15
+"""How much faster bf16's timed step must be than fp32's before `auto` picks it on a CPU. The
+margin covers the timing's noise on a shared machine; below it the gain would not pay for the
+risk: bf16 costs no accuracy for the same steps (3 flowers seeds), but a 16-image, two-process
+run at LR 0.6 once diverged to NaN in bf16 where fp32 did not."""
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -45,9 +49,12 @@ def cuda_has_fast_bf16(device: torch.device) -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def choose_precision(requested: str, device: torch.device, *, compiled: bool = False) -> tuple[torch.dtype | None, str]:
+def choose_precision(requested: str, device: torch.device, *, compiled: bool = False,
+                     rates: Callable[[], dict[str, float]] | None = None) -> tuple[torch.dtype | None, str]:
     """(autocast dtype or None for plain fp32, the reason in words) for `requested` on `device`;
-    `compiled`: the step runs under torch.compile."""
+    `compiled`: the step runs under torch.compile; `rates`: times the run's step, {"fp32": img/s,
+    "bf16": img/s} (`moco.step_timing.precision_rates`), called only where the answer depends on it
+    (auto on a CPU with native bf16); without it such a CPU stays fp32."""
     if requested not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested != "auto":
@@ -59,18 +66,24 @@ def choose_precision(requested: str, device: torch.device, *, compiled: bool = F
         if cuda_has_fast_bf16(device):
             return torch.bfloat16, "bf16: this GPU computes bf16 natively"
         return None, "fp32: this GPU only emulates bf16"
-    if device.type == "cpu":
-        if compiled:
-            # Measured with PyTorch 2.14: the inductor-compiled MoCo step under bf16 autocast gave a NaN
-            # loss at its first step where the eager one trained; fp32 compiles and matches eager.
-            return None, "fp32: torch.compile with bf16 autocast on a CPU gave NaN losses (issue 18)"
-        if cpu_has_fast_bf16() and CPU_BF16_BY_DEFAULT:
-            return torch.bfloat16, "bf16: this CPU has AMX or AVX-512-BF16"
-        if cpu_has_fast_bf16():
-            return None, ("fp32: this CPU has AMX or AVX-512-BF16, but bf16 is faster there only on larger "
-                          "images (measured: 1.5x the steps at 64 px, slower at 32 px; --precision bf16 to use it)")
+    if device.type != "cpu":
+        return None, f"fp32: bf16 autocast is not tried on {device.type}"
+    if not cpu_has_fast_bf16():
         return None, "fp32: this CPU has neither AMX nor AVX-512-BF16 (bf16 would be emulated, far slower)"
-    return None, f"fp32: bf16 autocast is not tried on {device.type}"
+    if compiled:
+        # Measured with PyTorch 2.14: the inductor-compiled MoCo step under bf16 autocast gave a NaN
+        # loss at its first step where the eager one trained; fp32 compiles and matches eager.
+        return None, "fp32: torch.compile with bf16 autocast on a CPU gave NaN losses (issue 18)"
+    if rates is None:
+        return None, ("fp32: this CPU has AMX or AVX-512-BF16, but bf16 is faster only for some shapes and was "
+                      "not timed here (--precision bf16 to use it)")
+    measured = rates()
+    fp32, bf16 = measured["fp32"], measured["bf16"]
+    timing = f"the model step timed at {bf16:.0f} img/s in bf16 against {fp32:.0f} in fp32 on this CPU"
+    if bf16 >= BF16_MIN_SPEEDUP * fp32:
+        return torch.bfloat16, f"bf16: {timing} ({bf16 / fp32:.2f}x)"
+    return None, (f"fp32: {timing} ({bf16 / fp32:.2f}x, under the {BF16_MIN_SPEEDUP:.2f}x bf16 needs; "
+                  f"--precision bf16 to use it anyway)")
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -78,10 +91,11 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
-def resolve_precision(requested: str, device: torch.device, *, compiled: bool = False) -> tuple[str, str]:
+def resolve_precision(requested: str, device: torch.device, *, compiled: bool = False,
+                      rates: Callable[[], dict[str, float]] | None = None) -> tuple[str, str]:
     """("fp32" or "bf16", reason): what a run stores in its config, so a resumed run, or an
     evaluation of it, does not depend on the machine it continues on."""
-    dtype, reason = choose_precision(requested, device, compiled=compiled)
+    dtype, reason = choose_precision(requested, device, compiled=compiled, rates=rates)
     return precision_name(dtype), reason
 
 

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from indexer.threads import available_cores
-from moco import distributed
+from moco import distributed, step_timing
 from moco.backbones import WIDTHS
 from moco.cache import training_cache
 from moco.checkpoint import CHECKPOINT_NAME, checkpoint_bytes, restore_training_state, save_checkpoint, training_state
@@ -73,8 +73,8 @@ class Trainer:
         # -- the model and its optimizer; the encoders' forward in the run's precision (stored in
         # the config, so a resumed run keeps it; `python -m moco` has resolved and printed it)
         if config.precision == "auto" or not config.precision_reason:
-            config.precision, config.precision_reason = resolve_precision(config.precision, device,
-                                                                                  compiled=config.compile)
+            config.precision, config.precision_reason = resolve_precision(
+                config.precision, device, compiled=config.compile, rates=lambda: self._precision_rates(device, world))
         self.model = MoCo(config).to(device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -266,6 +266,12 @@ class Trainer:
         return True
 
     # -- step ----------------------------------------------------------------------------------
+    def _precision_rates(self, device: torch.device, world: distributed.World) -> dict[str, float]:
+        """This run's step timed in fp32 and bf16 (moco.step_timing); under torchrun every rank
+        times its share and all take the slowest rank's figures, so all make the same choice."""
+        rates = step_timing.precision_rates(self.config, device, world_size=world.size)
+        return {name: distributed.reduce_over_ranks(rate, "min", device) for name, rate in rates.items()}
+
     def train_step(self, batch) -> None:
         """One optimisation step on `batch` (the loader's tensors). The loop's unit of work, public
         so that a subclass or a test can wrap it (a kill or a fault at a chosen step) without
