@@ -94,3 +94,81 @@ def configure_process() -> int:
     when its runtime loads."""
     os.environ.setdefault(WAIT_POLICY_ENV, PASSIVE)
     return available_cores()
+
+
+TAKEN_SHARE = 0.6
+"""Share of a core other processes must keep busy before a process leaves that core to them."""
+
+
+def threads_beside(cores: int, others_busy: float) -> int:
+    """Threads for a process that has `cores` cores of which other processes keep `others_busy`
+    busy: one per core left to it, at least one. On two cores, two training processes of two
+    threads each ran 8 img/s each in bf16 (AMX) and 67 in fp32; with one thread each 118 and 68
+    (BENCHMARKS.md, "Sharing the cores")."""
+    taken = math.floor(max(0.0, others_busy) + (1.0 - TAKEN_SHARE))
+    return max(1, cores - taken)
+
+
+def cpu_ticks(stat_text: str, cpus: set[int]) -> tuple[int, int]:
+    """(busy, total) clock ticks of `cpus` from /proc/stat's per-CPU lines: busy is user, nice,
+    system, irq, softirq and steal; total adds idle and iowait."""
+    busy = total = 0
+    for line in stat_text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit() or int(name[3:]) not in cpus:
+            continue
+        values = [int(v) for v in rest.split()[:8]] + [0] * 8
+        user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+        busy += user + nice + system + irq + softirq + steal
+        total += user + nice + system + idle + iowait + irq + softirq + steal
+    return busy, total
+
+
+def process_ticks(stat_text: str) -> int:
+    """utime + stime of a process (all its threads) from /proc/PID/stat, in clock ticks."""
+    fields = stat_text.rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of the whole line
+
+
+class CoreShare:
+    """How many of this process's cores other processes kept busy since the last look, from the
+    kernel's per-CPU counters (Linux /proc). A process that sized its threads to the machine at
+    start can then leave cores to processes started after it, and take them back when they end.
+
+    Only meaningful where the CPUs of the affinity mask are the whole limit: under a cgroup quota
+    other containers' work on the same CPUs would count as competition (`for_this_process` then
+    gives None)."""
+
+    def __init__(self, cpus: set[int], proc: Path = Path("/proc")) -> None:
+        self.cpus, self.proc = cpus, proc
+        self.last = self._read()
+
+    @classmethod
+    def for_this_process(cls, proc: Path = Path("/proc")) -> CoreShare | None:
+        try:
+            cpus = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            return None
+        if cgroup_cpu_limit() is not None or len(cpus) < 2:
+            return None
+        try:
+            return cls(cpus, proc)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _read(self) -> tuple[int, int, int]:
+        busy, total = cpu_ticks((self.proc / "stat").read_text(), self.cpus)
+        return busy, total, process_ticks((self.proc / "self" / "stat").read_text())
+
+    def others_busy(self) -> float | None:
+        """Cores' worth of work other processes did on our CPUs since the last call (None if
+        the counters cannot be read or too little time passed)."""
+        try:
+            now = self._read()
+        except (OSError, ValueError, IndexError):
+            return None
+        busy, total, own = (a - b for a, b in zip(now, self.last))
+        if total <= 0:
+            return None
+        self.last = now
+        return max(0.0, (busy - own) / (total / len(self.cpus)))

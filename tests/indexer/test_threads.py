@@ -68,3 +68,38 @@ def test_each_entry_point_sets_the_policy_before_torch_or_onnxruntime_load(modul
     out = subprocess.run([sys.executable, "-c", PROBE.replace("MODULE", module)], capture_output=True, text=True,
                          cwd=ROOT, env=env, timeout=120, check=True).stdout.split()
     assert out == ["PASSIVE", "PASSIVE", "PASSIVE"]
+
+
+@pytest.mark.parametrize(("others", "threads_left"), [(0.0, 4), (0.5, 4), (0.6, 3), (1.0, 3), (2.7, 1),
+                                                      (9.0, 1)])
+def test_a_core_is_left_to_other_processes_once_they_keep_most_of_it_busy(others, threads_left):
+    assert threads.threads_beside(4, others) == threads_left
+
+
+def fake_proc(root: Path, cpu_lines: list[str], own_ticks: tuple[int, int]) -> Path:
+    (root / "self").mkdir(parents=True, exist_ok=True)
+    (root / "stat").write_text("cpu  1 2 3 4 5 6 7 8 9 10\n" + "".join(f"{line}\n" for line in cpu_lines)
+                               + "intr 12345\nctxt 678\n")
+    utime, stime = own_ticks
+    fields = ["S", *["0"] * 10, str(utime), str(stime), *["0"] * 30]
+    (root / "self" / "stat").write_text(f"4242 (python (odd) name) {' '.join(fields)}\n")
+    return root
+
+
+def test_the_kernels_counters_are_read_for_the_processs_own_cpus_only(tmp_path):
+    text = "cpu0 10 0 5 80 5 0 0 0 0 0\ncpu1 1 1 1 1 1 1 1 1 0 0\ncpu2 100 0 0 0 0 0 0 0 0 0\n"
+    assert threads.cpu_ticks(text, {0, 1}) == (15 + 6, 100 + 8)
+    proc = fake_proc(tmp_path, ["cpu0 0 0 0 0 0 0 0 0 0 0"], (70, 30))
+    assert threads.process_ticks((proc / "self" / "stat").read_text()) == 100
+
+
+def test_core_share_counts_only_what_other_processes_did(tmp_path):
+    """Two CPUs for 100 ticks each: 150 busy ticks on them, 60 of them this process's own: the
+    others kept 0.9 of a core busy."""
+    proc = fake_proc(tmp_path, ["cpu0 0 0 0 0 0 0 0 0 0 0", "cpu1 0 0 0 0 0 0 0 0 0 0"], (0, 0))
+    share = threads.CoreShare({0, 1}, proc)
+    fake_proc(tmp_path, ["cpu0 90 0 0 10 0 0 0 0 0 0", "cpu1 60 0 0 40 0 0 0 0 0 0"], (50, 10))
+    assert share.others_busy() == pytest.approx(0.9)
+    assert share.others_busy() is None  # no time passed since the last look: nothing to say
+    (proc / "stat").unlink()
+    assert share.others_busy() is None  # unreadable counters: no advice, no crash

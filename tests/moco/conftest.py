@@ -22,6 +22,16 @@ def bf16_times_as_fp32(monkeypatch):
     monkeypatch.setattr(step_timing, "precision_rates", lambda *args, **kwargs: {"fp32": 100.0, "bf16": 100.0})
 
 
+@pytest.fixture(autouse=True)
+def threads_stay_as_started(monkeypatch):
+    """A CPU run changes its thread count when other processes take its cores (moco.train's
+    `share_cores`), which reorders float reductions; in-process test runs keep the count they
+    started with, so their numbers do not depend on what else the machine is doing."""
+    from indexer.threads import CoreShare
+
+    monkeypatch.setattr(CoreShare, "for_this_process", staticmethod(lambda *args, **kwargs: None))
+
+
 COLORS = [(200, 40, 40), (40, 180, 60), (50, 60, 210), (220, 200, 40)]
 
 
