@@ -38,36 +38,39 @@ def test_available_cores_follow_the_affinity_mask_and_the_quota(tmp_path):
     assert threads.available_cores(v1) == 1
 
 
-def test_passive_waiting_unless_the_user_chose_a_policy(monkeypatch):
-    assert threads.child_environment({"PATH": "/bin"}) == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"}
-    assert threads.child_environment({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+def test_passive_waiting_after_a_short_spin_unless_the_user_chose(monkeypatch):
+    assert threads.child_environment({"PATH": "/bin"}) == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE",
+                                                           "GOMP_SPINCOUNT": "10000"}
+    chosen = threads.child_environment({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "0"})
+    assert (chosen["OMP_WAIT_POLICY"], chosen["GOMP_SPINCOUNT"]) == ("ACTIVE", "0")
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     assert threads.configure_process() == threads.available_cores()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert (os.environ["OMP_WAIT_POLICY"], os.environ["GOMP_SPINCOUNT"]) == ("PASSIVE", "10000")
 
 
-# Records the policy at the moment torch or onnxruntime is first imported, then imports MODULE.
+# Records the policy and spin count at the moment torch or onnxruntime is first imported, then imports MODULE.
 PROBE = """
 import importlib.abc, os, sys
 seen = {}
 class Probe(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name in ("torch", "onnxruntime") and name not in seen:
-            seen[name] = os.environ.get("OMP_WAIT_POLICY")
+            seen[name] = os.environ.get("OMP_WAIT_POLICY", "-") + "/" + os.environ.get("GOMP_SPINCOUNT", "-")
         return None
 sys.meta_path.insert(0, Probe())
 import MODULE
 import torch, onnxruntime
-print(os.environ.get("OMP_WAIT_POLICY"), seen.get("torch"), seen.get("onnxruntime"))
+print(seen.get("torch"), seen.get("onnxruntime"))
 """
 
 
 @pytest.mark.parametrize("module", ["moco.__main__", "exports.__main__", "indexer.__main__"])
 def test_each_entry_point_sets_the_policy_before_torch_or_onnxruntime_load(module):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", PROBE.replace("MODULE", module)], capture_output=True, text=True,
                          cwd=ROOT, env=env, timeout=120, check=True).stdout.split()
-    assert out == ["PASSIVE", "PASSIVE", "PASSIVE"]
+    assert out == ["PASSIVE/10000", "PASSIVE/10000"]
 
 
 @pytest.mark.parametrize(("others", "threads_left"), [(0.0, 4), (0.5, 4), (0.6, 3), (1.0, 3), (2.7, 1),
