@@ -42,9 +42,10 @@ from moco.quality import QualityTracker, cpu_copy
 from moco.runlog import MetricsLog, Progress, StopFlag, TrainingDiverged, TrainingStopped, tidy_run_dir
 
 CALIBRATION_IMAGES = 512
-SHARE_CHECK_S = 10.0  # how often a CPU run looks at what other processes use of its cores
 """Training images whose batch-norm statistics calibrate the network measured at the start (and
 whose forward pass times the monitor's cost for a budget run)."""
+SHARE_CHECK_S = 10.0
+"""How often a CPU run looks at how much of its cores other processes use (`Trainer.share_cores`)."""
 
 
 class Trainer:
@@ -75,8 +76,9 @@ class Trainer:
         random.seed(config.seed)
         np.random.seed(config.seed)
 
-        # -- the model and its optimizer; the encoders' forward in the run's precision (stored in
-        # the config, so a resumed run keeps it; `python -m moco` has resolved and printed it)
+        # -- the model and its optimizer; the encoders' forward in the run's precision (resolved
+        # here, after the thread count, since auto may time the step; stored in the config, so a
+        # resumed run keeps it; `python -m moco` prints it)
         if config.precision == "auto" or not config.precision_reason:
             config.precision, config.precision_reason = resolve_precision(
                 config.precision, device, compiled=config.compile, rates=lambda: self._precision_rates(device, world))
@@ -276,6 +278,8 @@ class Trainer:
         """This run's step timed in fp32 and bf16 (moco.step_timing); under torchrun every rank
         times its share and all take the slowest rank's figures, so all make the same choice."""
         rates = step_timing.precision_rates(self.config, device, world_size=world.size)
+        if self.share_cores(now=True):  # others took cores while it timed: time again with the threads left
+            rates = step_timing.precision_rates(self.config, device, world_size=world.size)
         return {name: distributed.reduce_over_ranks(rate, "min", device) for name, rate in rates.items()}
 
     def train_step(self, batch) -> None:
@@ -296,24 +300,27 @@ class Trainer:
         self.progress.step += 1
         self.pending.append(loss.detach())
 
-    def share_cores(self) -> None:
+    def share_cores(self, *, now: bool = False) -> bool:
         """Every SHARE_CHECK_S, one thread per core that other processes leave free (at least
         one). Threads sized at start oversubscribe the cores once another process starts: two
-        two-thread trainings on two cores ran at 8 img/s each in bf16 (67 in fp32), one thread
-        each at 118 (68). Changing the thread count changes the order of float reductions, so
-        runs asked to be --deterministic keep theirs."""
-        if self.core_share is None or time.monotonic() - self._cores_checked < SHARE_CHECK_S:
-            return
+        MoCo step loops of two threads each on two cores ran at 8 img/s each in bf16 (67 in
+        fp32), of one thread each at 118 (68). Changing the thread count changes the order of float reductions, so
+        runs asked to be --deterministic keep theirs. `now`: look whatever the time since the
+        last look. True when the thread count changed."""
+        if self.core_share is None or (not now and time.monotonic() - self._cores_checked < SHARE_CHECK_S):
+            return False
         self._cores_checked = time.monotonic()
         others = self.core_share.others_busy()
         if others is None:
-            return
+            return False
         cores = available_cores()
         threads, before = threads_beside(cores, others), torch.get_num_threads()
-        if threads != before:
-            torch.set_num_threads(threads)
-            tqdm.write(f"threads {before} -> {threads}: other processes keep {others:.1f} of this run's "
-                       f"{cores} cores busy")
+        if threads == before:
+            return False
+        torch.set_num_threads(threads)
+        tqdm.write(f"threads {before} -> {threads}: other processes keep {others:.1f} of this run's "
+                   f"{cores} cores busy")
+        return True
 
     def training_size(self, step: int) -> int | None:
         """The views' size for step `step` (counting from 0) with --progressive (None without):
