@@ -8,6 +8,7 @@ choice (bf16 at or above moco.precision.BF16_MIN_SPEEDUP). On a CPU without nati
 GPU the choice is not timed, and the script says so.
 
     python bench/precision_choice.py --sizes 32,48,64,96,128 --batch-size 256 --repeats 3
+    python bench/precision_choice.py --sizes 32 --stem imagenet     # issue 7's CIFAR-10 rows
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="32,48,64,96,128", help="comma-separated image sizes")
     parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--stem", default="auto", choices=("auto", "imagenet", "small"),
+                        help="as moco train's --stem (auto: the small stem below 64 px)")
     parser.add_argument("--batch-size", type=int, default=256, help="the run's batch (the timing caps it)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -41,14 +44,14 @@ def main() -> int:
     except ValueError:
         parser.error(f"--sizes takes comma-separated integers, got {args.sizes!r}")
     print(f"{cpu_name()}; {torch.get_num_threads()} threads; torch {torch.__version__}; {args.arch}, "
-          f"batch {args.batch_size}")
+          f"stem {args.stem}, batch {args.batch_size}")
     if not cpu_has_fast_bf16():
         print("this CPU has neither AMX nor AVX-512-BF16: auto is fp32 without timing")
         return 0
     print("| size | fp32 img/s | bf16 img/s | bf16/fp32 min / median / max | seconds per timing | auto picks |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size in sizes:
-        config = build_config(dict(arch=args.arch, image_size=size, batch_size=args.batch_size))
+        config = build_config(dict(arch=args.arch, image_size=size, batch_size=args.batch_size, stem=args.stem))
         fit_recipe(config, explicit=set())
         ratios, fp32, bf16, seconds = [], [], [], []
         for _ in range(args.repeats):
