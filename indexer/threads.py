@@ -136,10 +136,28 @@ def cpu_ticks(stat_text: str, cpus: set[int]) -> tuple[int, int]:
     return busy, total
 
 
-def process_ticks(stat_text: str) -> int:
-    """utime + stime of a process (all its threads) from /proc/PID/stat, in clock ticks."""
+def process_ticks(stat_text: str, *, ended_children: bool = False) -> int:
+    """utime + stime of a process (all its threads) from /proc/PID/stat, in clock ticks; with
+    `ended_children`, plus cutime + cstime: the children that ended and were waited for."""
     fields = stat_text.rpartition(")")[2].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of the whole line
+    ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15 of the whole line
+    return ticks + (int(fields[13]) + int(fields[14]) if ended_children else 0)
+
+
+def process_tree_ticks(proc: Path, pid: str = "self") -> int:
+    """Clock ticks of a process and of every process it started, live or ended: the data loader
+    workers decoding images for a training run are the run's own work, not competition for its
+    cores. A child that ends between two looks moves from the live sum to its parent's
+    cutime/cstime once it is waited for, so the total keeps counting it."""
+    base = proc / pid
+    total = process_ticks((base / "stat").read_text(), ended_children=True)
+    for children in base.glob("task/*/children"):
+        for child in children.read_text().split():
+            try:
+                total += process_tree_ticks(proc, child)
+            except (OSError, ValueError, IndexError):
+                pass  # it ended while we looked
+    return total
 
 
 class CoreShare:
@@ -170,7 +188,7 @@ class CoreShare:
 
     def _read(self) -> tuple[int, int, int]:
         busy, total = cpu_ticks((self.proc / "stat").read_text(), self.cpus)
-        return busy, total, process_ticks((self.proc / "self" / "stat").read_text())
+        return busy, total, process_tree_ticks(self.proc)
 
     def others_busy(self) -> float | None:
         """Cores' worth of work other processes did on our CPUs since the last call (None if

@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                        help="arithmetic of the encoders: bf16 autocast or fp32; auto (the default) picks bf16 on "
                        "a GPU with native bf16; on a CPU with AMX or AVX-512-BF16 it times the run's step in both "
-                       "(a few seconds) and keeps bf16 only if it is at least 1.15x faster (at 64 px it is, at "
-                       "32 px not); fp32 elsewhere (with --resume: the run's own, unless given)")
+                       "(a few seconds) and keeps bf16 only if it is at least 1.15x faster (ResNet-18: at 64 px and "
+                       "with the small stem at 32 px it is, with --stem imagenet at 32 px not); fp32 elsewhere "
+                       "(with --resume: the run's own, unless given)")
     _add_hyper_parameters(train)
 
     evaluate = commands.add_parser("eval", help="kNN, linear-probe and few-label accuracy of a checkpoint",

@@ -160,7 +160,7 @@ def apply_in_order(images: torch.Tensor, factors: list[torch.Tensor], order: tor
                 chosen = (order[:, position] == op_index).view(-1, 1, 1, 1)
                 step = torch.where(chosen, op(out, factors[op_index]), step)
         else:
-            step = out.clone()
+            step = torch.empty_like(out)  # order rows are permutations: every row is written once
             for op_index, op in enumerate(JITTER_OPS):
                 rows = torch.nonzero(order[:, position] == op_index).squeeze(1)
                 if rows.numel():
@@ -169,12 +169,41 @@ def apply_in_order(images: torch.Tensor, factors: list[torch.Tensor], order: tor
     return out
 
 
+def apply_where(images: torch.Tensor, use: torch.Tensor, op, *params: torch.Tensor, masked: bool) -> torch.Tensor:
+    """`op(images, *params)` for the samples `use` selects ([N] bool), the others unchanged;
+    `params` are per-sample tensors ([N, ...]) that go with their samples.
+
+    Masked evaluates `op` on the whole batch and selects with `torch.where` (no host
+    synchronisation: the GPU way). Unmasked (the CPU way) gathers the chosen rows, runs `op` on
+    them alone and writes them back into `images` in place, so a blur drawn for half the batch
+    costs half a blur; the pipeline passes only tensors it made itself. Both give the same
+    result (tested)."""
+    if masked:
+        return torch.where(use.view(-1, 1, 1, 1), op(images, *params), images)
+    rows = torch.nonzero(use).squeeze(1)
+    if rows.numel() == 0:
+        return images
+    chosen = op(images.index_select(0, rows), *(p.index_select(0, rows.to(p.device)) for p in params))
+    return images.index_copy_(0, rows, chosen.to(images.dtype))
+
+
+def grey_rgb(images: torch.Tensor) -> torch.Tensor:
+    return grey(images).expand_as(images)
+
+
+def flip_horizontal(images: torch.Tensor) -> torch.Tensor:
+    return images.flip(-1)
+
+
 # -- the pipeline --------------------------------------------------------------------------------
 class BatchView:
     """One view's recipe (v1, v2 or v3), applied to a whole batch with per-sample draws."""
 
     def __init__(self, recipe: str, image_size: int, crop_min_scale: float, *, view: int,
-                 blur_relative: bool = False, crop_max_scale: float = 1.0) -> None:
+                 blur_relative: bool = False, crop_max_scale: float = 1.0, masked: bool | None = None) -> None:
+        """`masked`: apply each random op by masks over the whole batch (True), or only to the
+        rows that drew it (False); None: masks on a GPU, rows on a CPU (see `apply_where`)."""
+        self.masked = masked
         self.size = image_size
         self.blur_relative = blur_relative
         self.sigma = blur_sigma(image_size, blur_relative)
@@ -213,35 +242,37 @@ class BatchView:
         else:
             boxes = sample_crop_boxes(sizes.repeat(copies, 1), self.scale, generator=generator)
             x = crop_resize(images, boxes, out_size, source=torch.arange(images.shape[0]).repeat(copies))
+        masked = self._masked_on(device)  # x is this call's own tensor: the row path writes into it
         if self.grey_first:
-            x = self._grey(x, draw(n) < 0.2)
-        x = self._jitter(x, draw)
+            x = apply_where(x, draw(n) < 0.2, grey_rgb, masked=masked)
+        x = self.colour_jitter(x, draw)
         if not self.grey_first:
-            x = self._grey(x, draw(n) < 0.2)
+            x = apply_where(x, draw(n) < 0.2, grey_rgb, masked=masked)
         if self.blur_p > 0:
             use = draw(n) < self.blur_p
             blur = sigma[0] + draw(n) * (sigma[1] - sigma[0])
-            x = torch.where(use.view(-1, 1, 1, 1), gaussian_blur(x, blur, self.kernel), x)
+            x = apply_where(x, use, lambda rows, s: gaussian_blur(rows, s, self.kernel), blur, masked=masked)
         if self.solarize_p > 0:
             x = solarize(x, draw(n) < self.solarize_p)
-        flip = draw(n) < 0.5
-        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return apply_where(x, draw(n) < 0.5, flip_horizontal, masked=masked)
 
-    @staticmethod
-    def _grey(x: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
-        return torch.where(use.view(-1, 1, 1, 1), grey(x).expand_as(x), x)
+    def _masked_on(self, device: torch.device) -> bool:
+        return device.type != "cpu" if self.masked is None else self.masked
 
-    def _jitter(self, x: torch.Tensor, draw) -> torch.Tensor:
+    def colour_jitter(self, x: torch.Tensor, draw) -> torch.Tensor:
         """ColorJitter with per-sample factors and a per-sample random order of the four ops:
-        at each of the four positions every sample applies the op its order names there."""
+        at each of the four positions every sample applies the op its order names there.
+        `draw(*shape)` gives uniform numbers (the view's generator); on a CPU the samples left
+        unjittered are not computed and `x` is written in place."""
         n = x.shape[0]
         b, c, s, h = self.jitter
         factors = [1 + (draw(n) * 2 - 1) * b, 1 + (draw(n) * 2 - 1) * c, 1 + (draw(n) * 2 - 1) * s,
                    (draw(n) * 2 - 1) * h]  # in JITTER_OPS order
         order = torch.argsort(draw(n, 4), dim=1)
-        use = (draw(n) < self.jitter_p).view(-1, 1, 1, 1)
-        out = apply_in_order(x, factors, order, masked=x.device.type != "cpu")
-        return torch.where(use, out, x)
+        use = draw(n) < self.jitter_p
+        masked = self._masked_on(x.device)
+        return apply_where(x, use, lambda rows, *drawn: apply_in_order(rows, list(drawn[:4]), drawn[4], masked=masked),
+                           *factors, order, masked=masked)
 
 
 class BatchTwoViews:

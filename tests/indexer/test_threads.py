@@ -79,13 +79,21 @@ def test_a_core_is_left_to_other_processes_once_they_keep_most_of_it_busy(others
     assert threads.threads_beside(4, others) == threads_left
 
 
-def fake_proc(root: Path, cpu_lines: list[str], own_ticks: tuple[int, int]) -> Path:
-    (root / "self").mkdir(parents=True, exist_ok=True)
+def write_process(root: Path, pid: str, ticks: tuple[int, int], children: tuple[str, ...] = (),
+                  ended_children: tuple[int, int] = (0, 0)) -> None:
+    """/proc/PID/stat with (utime, stime) and (cutime, cstime), and the live children of its thread."""
+    (root / pid / "task" / "1").mkdir(parents=True, exist_ok=True)
+    fields = ["S", *["0"] * 10, *map(str, ticks), *map(str, ended_children), *["0"] * 28]
+    (root / pid / "stat").write_text(f"4242 (python (odd) name) {' '.join(fields)}\n")
+    (root / pid / "task" / "1" / "children").write_text("".join(f"{child} " for child in children))
+
+
+def fake_proc(root: Path, cpu_lines: list[str], own_ticks: tuple[int, int], children: tuple[str, ...] = (),
+              ended_children: tuple[int, int] = (0, 0)) -> Path:
+    (root / "stat").parent.mkdir(parents=True, exist_ok=True)
     (root / "stat").write_text("cpu  1 2 3 4 5 6 7 8 9 10\n" + "".join(f"{line}\n" for line in cpu_lines)
                                + "intr 12345\nctxt 678\n")
-    utime, stime = own_ticks
-    fields = ["S", *["0"] * 10, str(utime), str(stime), *["0"] * 30]
-    (root / "self" / "stat").write_text(f"4242 (python (odd) name) {' '.join(fields)}\n")
+    write_process(root, "self", own_ticks, children, ended_children)
     return root
 
 
@@ -106,3 +114,40 @@ def test_core_share_counts_only_what_other_processes_did(tmp_path):
     assert share.others_busy() is None  # no time passed since the last look: nothing to say
     (proc / "stat").unlink()
     assert share.others_busy() is None  # unreadable counters: no advice, no crash
+
+
+def test_the_processs_own_workers_are_not_competition(tmp_path):
+    """Two CPUs for 100 ticks each, all 200 busy: the process did 80, its live data loader
+    worker 70 (and that worker's own child 20), and a worker that ended and was waited for 30.
+    Nothing is left for other processes: the run keeps its threads."""
+    cpus = ["cpu0 0 0 0 0 0 0 0 0 0 0", "cpu1 0 0 0 0 0 0 0 0 0 0"]
+    proc = fake_proc(tmp_path, cpus, (0, 0))
+    share = threads.CoreShare({0, 1}, proc)
+    fake_proc(tmp_path, ["cpu0 100 0 0 0 0 0 0 0 0 0", "cpu1 100 0 0 0 0 0 0 0 0 0"], (60, 20),
+              children=("71", "72"), ended_children=(25, 5))
+    write_process(tmp_path, "71", (50, 20), children=("90",))
+    write_process(tmp_path, "90", (20, 0))
+    # 72 is listed but ended before its stat was read
+    assert share.others_busy() == pytest.approx(0.0)
+    assert threads.threads_beside(2, 0.0) == 2
+
+
+def test_a_real_child_process_counts_as_the_processs_own_work():
+    """On this machine's /proc: a child that used 0.3 s of CPU adds it to this process's tree
+    ticks while it lives, and still after it ended and was waited for."""
+
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        pytest.skip("no /proc")
+    spin = "import time\nwhile time.process_time() < 0.3: pass\nprint('spun', flush=True)\ntime.sleep(60)"
+    before = threads.process_tree_ticks(proc)
+    child = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "spun"
+        during = threads.process_tree_ticks(proc)
+    finally:
+        child.kill()
+        child.wait()
+    assert during - before >= 0.25 * os.sysconf("SC_CLK_TCK")  # most of the child's 0.3 s of CPU
+    assert threads.process_tree_ticks(proc) >= during
+    assert threads.process_ticks((proc / "self" / "stat").read_text()) < threads.process_tree_ticks(proc)

@@ -105,7 +105,7 @@ def test_jitter_applies_with_probability_p():
     changed = 0
     trials = 600
     x = image.expand(trials, -1, -1, -1).contiguous()
-    out = view._jitter(x, lambda *shape: torch.rand(*shape, generator=generator))
+    out = view.colour_jitter(x.clone(), lambda *shape: torch.rand(*shape, generator=generator))
     changed = ((out - x).abs().amax(dim=(1, 2, 3)) > 1e-6).float().mean()
     assert math.isclose(float(changed), 0.8, abs_tol=0.06)
 
@@ -150,3 +150,34 @@ def test_jitter_ops_follow_each_samples_order(images, masked):
         for op_index in order[i].tolist():
             expected = reference_ops[op_index](expected, float(factors[op_index][i]))
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["gathered (CPU)", "masked (GPU)"])
+def test_apply_where_changes_only_the_chosen_samples(images, masked):
+    """A per-sample blur applied to a subset: chosen rows equal the blur of those rows with their
+    own sigmas, the others are untouched; the CPU's gathered way and the GPU's masks agree."""
+    use = torch.tensor([True, False, False, True, True, False])
+    sigmas = torch.tensor([0.3, 0.5, 0.8, 1.1, 1.4, 1.7])
+    out = B.apply_where(images.clone(), use, lambda rows, s: B.gaussian_blur(rows, s), sigmas, masked=masked)
+    expected = torch.where(use.view(-1, 1, 1, 1), B.gaussian_blur(images, sigmas), images)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[~use], images[~use])
+
+
+def test_apply_where_with_nothing_chosen_leaves_the_batch(images):
+    out = B.apply_where(images.clone(), torch.zeros(6, dtype=torch.bool), B.flip_horizontal, masked=False)
+    assert torch.equal(out, images)
+
+
+@pytest.mark.parametrize("recipe", ["v1", "v2", "v3"])
+def test_a_view_computed_by_rows_equals_the_masked_view(images, recipe):
+    """The CPU computes each random op only on the rows that drew it and writes them in place;
+    draw for draw, its views equal those of the GPU's masks, and the caller's batch is untouched."""
+    uint8 = (images * 255).round().to(torch.uint8)
+    batch = uint8.float() / 255
+    before = batch.clone()
+    sizes = torch.tensor([[20, 24]] * 6)
+    by_rows = B.BatchView(recipe, 16, 0.2, view=2)(batch, sizes, torch.Generator().manual_seed(5), copies=3)
+    masked = B.BatchView(recipe, 16, 0.2, view=2, masked=True)(batch, sizes, torch.Generator().manual_seed(5), copies=3)
+    torch.testing.assert_close(by_rows, masked, rtol=1e-5, atol=1e-5)
+    assert torch.equal(batch, before)
