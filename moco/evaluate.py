@@ -34,8 +34,9 @@ def extract_features(backbone: nn.Module, folder: ImageFolder, indices: np.ndarr
                      mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
                      batch_size: int = 128, workers: int = 1, channels_last: bool = True,
                      precision: str = "auto", desc: str = "features") -> Features:
-    """L2-normalised float32 features; the backbone runs in `precision` (moco.precision: "auto"
-    is bf16 on CUDA and on AMX/AVX-512-BF16 CPUs), the normalisation in float32."""
+    """L2-normalised float32 features; the backbone runs in `precision` ("fp32", "bf16", or
+    "auto": bf16 on a GPU with native bf16, fp32 on a CPU unless resolved beforehand, as `moco
+    eval` does by timing the backbone), the normalisation in float32."""
     refs = [folder.refs[i] for i in indices]
     loader = make_loader(EvalImages(refs, image_size), workers=workers, batch_size=batch_size,
                          pin_memory=device.type == "cuda")

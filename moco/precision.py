@@ -50,11 +50,13 @@ def cuda_has_fast_bf16(device: torch.device) -> bool:
 
 
 def choose_precision(requested: str, device: torch.device, *, compiled: bool = False,
-                     rates: Callable[[], dict[str, float]] | None = None) -> tuple[torch.dtype | None, str]:
+                     rates: Callable[[], dict[str, float]] | None = None,
+                     timed: str = "the model step") -> tuple[torch.dtype | None, str]:
     """(autocast dtype or None for plain fp32, the reason in words) for `requested` on `device`;
     `compiled`: the step runs under torch.compile; `rates`: times the run's step, {"fp32": img/s,
     "bf16": img/s} (`moco.step_timing.precision_rates`), called only where the answer depends on it
-    (auto on a CPU with native bf16); without it such a CPU stays fp32."""
+    (auto on a CPU with native bf16); without it such a CPU stays fp32. `timed`: what `rates`
+    times, in the reason's words."""
     if requested not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested != "auto":
@@ -79,7 +81,7 @@ def choose_precision(requested: str, device: torch.device, *, compiled: bool = F
                       "not timed here (--precision bf16 to use it)")
     measured = rates()
     fp32, bf16 = measured["fp32"], measured["bf16"]
-    timing = f"the model step timed at {bf16:.0f} img/s in bf16 against {fp32:.0f} in fp32 on this CPU"
+    timing = f"{timed} timed at {bf16:.0f} img/s in bf16 against {fp32:.0f} in fp32 on this CPU"
     if bf16 >= BF16_MIN_SPEEDUP * fp32:
         return torch.bfloat16, f"bf16: {timing} ({bf16 / fp32:.2f}x)"
     return None, (f"fp32: {timing} ({bf16 / fp32:.2f}x, under the {BF16_MIN_SPEEDUP:.2f}x bf16 needs; "
@@ -92,10 +94,11 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 
 def resolve_precision(requested: str, device: torch.device, *, compiled: bool = False,
-                      rates: Callable[[], dict[str, float]] | None = None) -> tuple[str, str]:
+                      rates: Callable[[], dict[str, float]] | None = None,
+                      timed: str = "the model step") -> tuple[str, str]:
     """("fp32" or "bf16", reason): what a run stores in its config, so a resumed run, or an
     evaluation of it, does not depend on the machine it continues on."""
-    dtype, reason = choose_precision(requested, device, compiled=compiled, rates=rates)
+    dtype, reason = choose_precision(requested, device, compiled=compiled, rates=rates, timed=timed)
     return precision_name(dtype), reason
 
 

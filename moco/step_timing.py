@@ -7,6 +7,9 @@ maps and the casts still cost (BENCHMARKS.md, "bf16 training on an AMX CPU"). No
 size would hold for every architecture, stem and core count, so `--precision auto` times both
 (`moco.precision.choose_precision`).
 
+`moco eval` asks the same question of feature extraction (`forward_rates`): the backbone's
+forward without gradients, at the evaluation's image size.
+
 What is timed is the model step alone (query forward and backward, key forward, momentum update,
 optimizer step) on random tensors of the run's shapes: the data pipeline costs the same in either
 precision, so the model step is where they differ. The timing runs on a copy of the model with
@@ -18,6 +21,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 
 from moco.config import TrainConfig
 from moco.model import MoCo
@@ -56,6 +60,34 @@ def precision_rates(config: TrainConfig, device: torch.device, *, world_size: in
                 seconds = _timed_step(model, optimizer, views, device)
                 if round_ > 0:  # the first round warms up allocators and kernel caches
                     best[precision] = min(best[precision], seconds)
+    return {precision: batch / seconds for precision, seconds in best.items()}
+
+
+def forward_rates(backbone: nn.Module, image_size: int, device: torch.device, *, channels_last: bool = True,
+                  batch: int = MAX_TIMING_BATCH, steps: int = TIMED_STEPS) -> dict[str, float]:
+    """{"fp32": images/s, "bf16": images/s} of `backbone`'s forward as feature extraction runs it
+    (eval mode, no gradients, the evaluation's size and memory format), interleaved and the
+    fastest of `steps` after a warm-up, as for the training step. The backbone is not changed
+    (eval mode keeps batch-norm statistics) and the caller's random numbers are untouched."""
+    from moco.precision import autocast
+
+    was_training = backbone.training
+    backbone.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(0)
+        memory = torch.channels_last if channels_last else torch.contiguous_format
+        images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory)
+        best = {"fp32": float("inf"), "bf16": float("inf")}
+        for round_ in range(steps + 1):
+            for precision in best:
+                start = time.perf_counter()
+                with autocast(device, precision):
+                    backbone(images)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if round_ > 0:
+                    best[precision] = min(best[precision], time.perf_counter() - start)
+    backbone.train(was_training)
     return {precision: batch / seconds for precision, seconds in best.items()}
 
 

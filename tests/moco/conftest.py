@@ -13,13 +13,15 @@ from PIL import Image
 
 @pytest.fixture(autouse=True)
 def bf16_times_as_fp32(monkeypatch):
-    """`--precision auto` on a CPU with native bf16 times the run's step in both precisions: a race
-    whose winner depends on the machine's load. In-process runs get equal rates, so auto is fp32
-    there on every machine and no test's numbers depend on a timing; the tests of the timing itself
-    call `moco.step_timing.precision_rates` as imported, or patch this seam with their own rates."""
+    """`--precision auto` on a CPU with native bf16 times the run's step (`moco eval`: the
+    backbone's forward) in both precisions: a race whose winner depends on the machine's load.
+    In-process runs get equal rates, so auto is fp32 there on every machine and no test's numbers
+    depend on a timing; the tests of the timing itself call `moco.step_timing`'s functions as
+    imported, or patch these seams with their own rates."""
     from moco import step_timing
 
     monkeypatch.setattr(step_timing, "precision_rates", lambda *args, **kwargs: {"fp32": 100.0, "bf16": 100.0})
+    monkeypatch.setattr(step_timing, "forward_rates", lambda *args, **kwargs: {"fp32": 100.0, "bf16": 100.0})
 
 
 @pytest.fixture(autouse=True)

@@ -224,3 +224,36 @@ def test_training_output_has_no_raw_library_warnings(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     noisy = [line for line in (done.stderr + done.stdout).splitlines() if "Warning:" in line]
     assert noisy == [], noisy
+
+
+@pytest.mark.parametrize(("fast", "bf16_rate", "word"), [(True, 250.0, "bf16"), (True, 105.0, "fp32"),
+                                                         (False, 250.0, "fp32")])
+def test_eval_auto_times_the_backbone_and_says_what_it_chose(trained, capsys, monkeypatch, fast, bf16_rate, word):
+    """On a CPU with native bf16, `moco eval --precision auto` times the backbone's forward in both
+    precisions and keeps bf16 only at 1.15x or more; elsewhere nothing is timed. The choice and
+    both rates are printed, and the evaluation runs in the chosen precision."""
+    from moco import precision, step_timing
+
+    train, val, run = trained
+    timed, used = [], []
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast)
+
+    def timing(backbone, size, device, **kwargs):
+        timed.append(size)
+        return {"fp32": 100.0, "bf16": bf16_rate}
+
+    def recorded_autocast(device, chosen):
+        used.append(chosen)
+        return precision.autocast(device, chosen)
+
+    monkeypatch.setattr(step_timing, "forward_rates", timing)
+    monkeypatch.setattr("moco.evaluate.autocast", recorded_autocast)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--train", str(train), "--val", str(val), "--json", "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("precision of feature extraction: "))
+    assert line.split(": ", 1)[1].startswith(word) and set(used) == {word}
+    if fast:
+        assert timed == [32] and f"timed at {bf16_rate:.0f} img/s in bf16 against 100 in fp32" in line
+    else:
+        assert timed == [] and "AMX" in line

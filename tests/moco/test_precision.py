@@ -186,6 +186,20 @@ def test_the_step_timing_measures_both_precisions_without_touching_the_runs_rand
     assert set(measured) == {"fp32", "bf16"} and all(rate > 0 for rate in measured.values())
 
 
+def test_the_forward_timing_leaves_the_backbone_and_the_random_numbers_as_they_were():
+    from moco.backbones import build_backbone
+    from moco.step_timing import forward_rates
+
+    backbone = build_backbone("resnet18", stem="small", image_size=16).train()
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    measured = forward_rates(backbone, 16, CPU, batch=4, steps=1)
+    assert torch.equal(torch.get_rng_state(), before) and backbone.training
+    assert all(torch.equal(v, state[k]) for k, v in backbone.state_dict().items())  # BN statistics too
+    assert set(measured) == {"fp32", "bf16"} and all(rate > 0 for rate in measured.values())
+
+
 def test_a_bad_precision_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", str(tmp_path), "--precision", "fp16"])
