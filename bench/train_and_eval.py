@@ -34,6 +34,9 @@ def main() -> int:
     parser.add_argument("val_dir")
     parser.add_argument("--out", required=True, help="run folder (replaced)")
     parser.add_argument("--workers", default="1")
+    parser.add_argument("--eval-precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                        help="arithmetic of `moco eval`'s features (default fp32: the same on every machine, so "
+                        "rows measured on different CPUs compare; bf16 scored within half a point of it)")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -53,7 +56,7 @@ def main() -> int:
     evals = {}
     for name, flag in (("trained", []), ("random_init", ["--random-init"])):
         output = run([sys.executable, "-m", "moco", "eval", str(out), "--train", args.train_dir, "--val",
-                      args.val_dir, "--json", "--workers", args.workers, *flag])
+                      args.val_dir, "--json", "--workers", args.workers, "--precision", args.eval_precision, *flag])
         evals[name] = json.loads(output.strip().splitlines()[-1])
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
