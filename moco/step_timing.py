@@ -19,6 +19,7 @@ its own random numbers, so the run itself starts exactly as it would have withou
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from torch import nn
 from moco.config import TrainConfig
 from moco.model import MoCo
 from moco.optim import build_optimizer
+from moco.precision import autocast
 
 MAX_TIMING_BATCH = 64
 """The timing steps' batch: the run's per-process batch, capped so the timing costs seconds even
@@ -53,14 +55,16 @@ def precision_rates(config: TrainConfig, device: torch.device, *, world_size: in
         views = [images(config.image_size, batch), images(config.image_size, batch)]
         if config.multi_crop:
             views.append(images(config.small_crop_size or config.image_size // 2, config.multi_crop * batch))
-        best = {"fp32": float("inf"), "bf16": float("inf")}
-        for round_ in range(steps + 1):
-            for precision in best:
-                model.precision = precision
-                seconds = _timed_step(model, optimizer, views, device)
-                if round_ > 0:  # the first round warms up allocators and kernel caches
-                    best[precision] = min(best[precision], seconds)
-    return {precision: batch / seconds for precision, seconds in best.items()}
+
+        def step(precision: str) -> None:
+            model.precision = precision
+            loss = model(views[0], views[1], 0.99, *views[2:])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        seconds = _fastest_of_each(step, device, steps)
+    return {precision: batch / taken for precision, taken in seconds.items()}
 
 
 def forward_rates(backbone: nn.Module, image_size: int, device: torch.device, *, channels_last: bool = True,
@@ -69,35 +73,33 @@ def forward_rates(backbone: nn.Module, image_size: int, device: torch.device, *,
     (eval mode, no gradients, the evaluation's size and memory format), interleaved and the
     fastest of `steps` after a warm-up, as for the training step. The backbone is not changed
     (eval mode keeps batch-norm statistics) and the caller's random numbers are untouched."""
-    from moco.precision import autocast
-
     was_training = backbone.training
     backbone.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(0)
         memory = torch.channels_last if channels_last else torch.contiguous_format
         images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory)
-        best = {"fp32": float("inf"), "bf16": float("inf")}
-        for round_ in range(steps + 1):
-            for precision in best:
-                start = time.perf_counter()
-                with autocast(device, precision):
-                    backbone(images)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if round_ > 0:
-                    best[precision] = min(best[precision], time.perf_counter() - start)
+
+        def forward(precision: str) -> None:
+            with autocast(device, precision):
+                backbone(images)
+
+        seconds = _fastest_of_each(forward, device, steps)
     backbone.train(was_training)
-    return {precision: batch / seconds for precision, seconds in best.items()}
+    return {precision: batch / taken for precision, taken in seconds.items()}
 
 
-def _timed_step(model: MoCo, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
-                device: torch.device) -> float:
-    start = time.perf_counter()
-    loss = model(views[0], views[1], 0.99, *views[2:])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+def _fastest_of_each(run: Callable[[str], None], device: torch.device, steps: int) -> dict[str, float]:
+    """Seconds of the fastest of `steps` calls of `run(precision)` for fp32 and bf16, after one
+    warm-up round (allocators, kernel caches), the two interleaved call by call so that a change
+    in the machine's load hits both."""
+    best = {"fp32": float("inf"), "bf16": float("inf")}
+    for round_ in range(steps + 1):
+        for precision in best:
+            start = time.perf_counter()
+            run(precision)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_ > 0:
+                best[precision] = min(best[precision], time.perf_counter() - start)
+    return best
