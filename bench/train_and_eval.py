@@ -37,6 +37,9 @@ def main() -> int:
     parser.add_argument("--eval-precision", default="fp32", choices=("fp32", "bf16", "auto"),
                         help="arithmetic of `moco eval`'s features (default fp32: the same on every machine, so "
                         "rows measured on different CPUs compare; bf16 scored within half a point of it)")
+    parser.add_argument("--no-random-init", dest="random_init", action="store_false",
+                        help="skip the random-init baseline's evaluation (it depends only on the architecture, "
+                        "stem and data: once per setting is enough, and on a CPU it takes as long as the trained one)")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -54,7 +57,7 @@ def main() -> int:
     # A budget run ends mid-epoch: its closing record, not the last epoch's, has the totals.
     end = next((r for r in reversed(records) if r["kind"] == "done"), epochs[-1])
     evals = {}
-    for name, flag in (("trained", []), ("random_init", ["--random-init"])):
+    for name, flag in (("trained", []), ("random_init", ["--random-init"]))[:2 if args.random_init else 1]:
         output = run([sys.executable, "-m", "moco", "eval", str(out), "--train", args.train_dir, "--val",
                       args.val_dir, "--json", "--workers", args.workers, "--precision", args.eval_precision, *flag])
         evals[name] = json.loads(output.strip().splitlines()[-1])

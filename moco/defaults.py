@@ -180,6 +180,28 @@ def fit_recipe(config: TrainConfig, explicit: Collection[str]) -> list[str]:
     return notes
 
 
+def fit_stem_to_precision(config: TrainConfig, device_type: str) -> list[str]:
+    """`--stem auto` at 32 px in a CPU time budget: the ImageNet stem where the run resolved to fp32.
+
+    At 32 px the small stem keeps a 32 x 32 map through the first stage, about 15x the ImageNet
+    stem's arithmetic; it learns more per step, but in fp32 on a CPU a 30-minute budget gives it
+    too few steps. Measured on CIFAR-10 at 32 px, 30 minutes on one core of a 2-core Xeon
+    (BENCHMARKS.md, issue 19): small stem in fp32 170 steps, kNN 0.356 (10,000-image bank); the
+    ImageNet stem in fp32 1,400-1,700 steps, 0.415 +- 0.008 (50,000-image bank), 0.383 after only
+    15 minutes (10,000-image bank); the small stem in bf16 (2.6x the fp32 steps) 0.430. So the stem
+    follows the precision, decided after `--precision auto` timed the small stem's step. Epoch
+    runs (the length is fixed, not the minutes), GPUs and sizes below 32 px (the ImageNet stem
+    would leave less than one pixel) keep the small stem; `--stem small` keeps it anyway.
+    """
+    if (config.stem != "auto" or config.paper_defaults or config.time_budget is None or device_type != "cpu"
+            or config.precision != "fp32" or config.image_size != 32):
+        return []
+    config.stem = "imagenet"
+    return ["stem auto -> imagenet: this run is fp32 on a CPU with a time budget, where at 32 px the small "
+            "stem costs about 15x the arithmetic per image and its few steps learned less (CIFAR-10, 30 "
+            "minutes on one core: kNN 0.356 against 0.415 with the ImageNet stem); --stem small to keep it"]
+
+
 SMALL_CROP_FRACTION = 0.45
 """Multi-crop's small crops are 0.45 of the training size by default (SwAV and DINO: 96 px
 small crops beside 224 px global ones, 0.43), rounded to a multiple of 8: 32 px at 64 px, 16 at

@@ -31,7 +31,7 @@ from moco.cache import training_cache
 from moco.checkpoint import CHECKPOINT_NAME, checkpoint_bytes, restore_training_state, save_checkpoint, training_state
 from moco.config import TrainConfig
 from moco.data import EpochBatches, ImageFolder, training_batches
-from moco.defaults import default_small_crop_size, fit_to_plan
+from moco.defaults import default_small_crop_size, fit_stem_to_precision, fit_to_plan
 from moco.evaluate import KnnMonitor, calibrated_copy
 from moco.model import MoCo
 from moco.optim import build_optimizer
@@ -82,6 +82,11 @@ class Trainer:
         if config.precision == "auto" or not config.precision_reason:
             config.precision, config.precision_reason = resolve_precision(
                 config.precision, device, compiled=config.compile, rates=lambda: self._precision_rates(device, world))
+        if state is None:  # a resumed run keeps the stem its weights have
+            for note in fit_stem_to_precision(config, device.type):
+                config.notes.append(note)
+                if world.is_main:
+                    tqdm.write(f"note: {note}")
         self.model = MoCo(config).to(device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

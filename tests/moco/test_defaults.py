@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moco.config import build_config
-from moco.defaults import SHORT_RUN_BASE_LR, fit_recipe, fit_to_plan
+from moco.config import build_config, resolve_stem
+from moco.defaults import SHORT_RUN_BASE_LR, fit_recipe, fit_stem_to_precision, fit_to_plan
 from moco.model import MoCo
 
 
@@ -81,6 +81,28 @@ def test_paper_defaults_and_other_presets_keep_their_recipe():
     assert fit_recipe(paper, set()) == [] and fit_recipe(v3, set()) == []
     assert (paper.head, paper.batch_negatives, paper.queue_start, paper.blur_relative) == \
         ("mlp", False, "random", False)
+
+
+# -- the stem follows the precision in a CPU time budget at 32 px ---------------------------------
+def test_an_fp32_cpu_budget_at_32_px_takes_the_imagenet_stem_and_says_why():
+    config = build_config({"image_size": 32, "time_budget": 1800.0, "precision": "fp32"})
+    notes = fit_stem_to_precision(config, "cpu")
+    assert config.stem == "imagenet" and resolve_stem(config) == "imagenet"
+    assert len(notes) == 1 and notes[0].startswith("stem auto -> imagenet: this run is fp32 on a CPU")
+
+
+@pytest.mark.parametrize("given, device", [
+    ({"precision": "bf16"}, "cpu"),                           # bf16 pays for the small stem
+    ({"precision": "fp32", "time_budget": None}, "cpu"),       # epochs: the length is fixed, not the minutes
+    ({"precision": "fp32"}, "cuda"),
+    ({"precision": "fp32", "image_size": 16}, "cpu"),          # the ImageNet stem would leave < 1 px
+    ({"precision": "fp32", "stem": "small"}, "cpu"),           # as given
+    ({"precision": "fp32", "paper_defaults": True}, "cpu"),
+])
+def test_the_small_stem_stays_everywhere_else(given, device):
+    config = build_config({"image_size": 32, "time_budget": 1800.0, **given})
+    assert fit_stem_to_precision(config, device) == []
+    assert resolve_stem(config) == "small"
 
 
 def test_a_shrunk_queue_keeps_the_newest_keys():

@@ -12,10 +12,11 @@ import torch
 
 from moco import precision, step_timing
 from moco.__main__ import main
-from moco.checkpoint import load_checkpoint
-from moco.config import build_config
+from moco.checkpoint import backbone_from_state, load_checkpoint
+from moco.config import TrainConfig, build_config, resolve_stem
 from moco.model import MoCo
 from moco.step_timing import precision_rates
+from tests.moco.conftest import make_image_folder
 
 CPU = torch.device("cpu")
 FAST = ["--image-size", "32", "--stem", "imagenet", "--batch-size", "8", "--workers", "0", "--log-every", "1",
@@ -224,3 +225,23 @@ def test_bf16_features_are_float32_and_close_to_fp32(tmp_path):
     assert exact.dtype == rounded.dtype == np.float32
     assert not np.array_equal(exact, rounded)
     assert (exact * rounded).sum(axis=1).min() > 0.99  # cosine of each image's two features
+
+
+@pytest.mark.parametrize(("bf16_rate", "stem", "word"), [(250.0, "small", "bf16"), (100.0, "imagenet", "fp32")])
+def test_a_cpu_budget_at_32_px_keeps_the_small_stem_only_where_bf16_pays(tmp_path, monkeypatch, capsys,
+                                                                         bf16_rate, stem, word):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(step_timing, "precision_rates", lambda *args, **kwargs: {"fp32": 100.0, "bf16": bf16_rate})
+    data = make_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--image-size", "32", "--batch-size", "8", "--workers", "0",
+                 "--seed", "1", "--no-channels-last", "--time-budget", "5s"]) == 0
+    out = capsys.readouterr().out
+    state = load_checkpoint(run)
+    config = state["config"]
+    assert config["precision"] == word and resolve_stem(TrainConfig.from_dict(config)) == stem
+    said = "note: stem auto -> imagenet: this run is fp32 on a CPU with a time budget" in out
+    assert said == (stem == "imagenet") and (stem == "imagenet") == any("stem auto" in n for n in config["notes"])
+    # the shipped weights are those of the stem the stored config names: they load into it
+    backbone, _ = backbone_from_state(state)
+    assert backbone(torch.zeros(1, 3, 32, 32)).shape == (1, 512)
