@@ -34,7 +34,8 @@ EXAMPLES = """examples:
 # the preset; a flag left unset keeps the preset's value.
 HYPER_PARAMETERS = (
     ("stem", "ResNet stem: imagenet, small (3x3 conv, no max-pool; for inputs of 64 px and less) or auto "
-             "(small at 32 px and less)"),
+             "(small at 32 px and less; the ImageNet stem in a CPU time budget at 32 px that runs in fp32, where "
+             "the small stem leaves too few steps)"),
     ("optimizer", "sgd, lars or adamw"),
     ("base_lr", "learning rate per 256 images (lr = base_lr x batch / 256)"),
     ("lr", "absolute learning rate (overrides --base-lr)"),
