@@ -188,7 +188,9 @@ def fit_stem_to_precision(config: TrainConfig, device_type: str) -> list[str]:
     too few steps. Measured on CIFAR-10 at 32 px, 30 minutes on one core of a 2-core Xeon
     (BENCHMARKS.md, issue 19): small stem in fp32 170 steps, kNN 0.356 (10,000-image bank); the
     ImageNet stem in fp32 1,400-1,700 steps, 0.415 +- 0.008 (50,000-image bank), 0.383 after only
-    15 minutes (10,000-image bank); the small stem in bf16 (2.6x the fp32 steps) 0.430. So the stem
+    15 minutes (10,000-image bank); the small stem in bf16 (2.6x the fp32 steps) 0.430. With issue 7's
+    evaluation on 2026-12-03: the small stem in bf16 0.470 +- 0.008 (3 seeds, 527-565 steps), the
+    ImageNet stem in fp32 0.455 (2,070 steps), where the small stem in fp32 would make ~200. So the stem
     follows the precision, decided after `--precision auto` timed the small stem's step. Epoch
     runs (the length is fixed, not the minutes), GPUs and sizes below 32 px (the ImageNet stem
     would leave less than one pixel) keep the small stem; `--stem small` keeps it anyway.
@@ -198,8 +200,8 @@ def fit_stem_to_precision(config: TrainConfig, device_type: str) -> list[str]:
         return []
     config.stem = "imagenet"
     return ["stem auto -> imagenet: this run is fp32 on a CPU with a time budget, where at 32 px the small "
-            "stem costs about 15x the arithmetic per image and its few steps learned less (CIFAR-10, 30 "
-            "minutes on one core: kNN 0.356 against 0.415 with the ImageNet stem); --stem small to keep it"]
+            "stem costs about 15x the arithmetic per image and its few steps learned less (CIFAR-10, one "
+            "core: kNN 0.356 after 30 minutes, below the ImageNet stem's 0.383 after 15); --stem small to keep it"]
 
 
 SMALL_CROP_FRACTION = 0.45
