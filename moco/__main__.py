@@ -33,7 +33,8 @@ EXAMPLES = """examples:
 # Hyper-parameters exposed as flags: (field, help). Types and defaults come from TrainConfig and
 # the preset; a flag left unset keeps the preset's value.
 HYPER_PARAMETERS = (
-    ("stem", "ResNet stem: imagenet, small (3x3 conv, no max-pool; for inputs of 64 px and less) or auto "
+    ("stem", "ResNet stem: imagenet, small (3x3 conv, no max-pool; for inputs of 64 px and less), small_pool "
+             "(3x3 conv and the max-pool: a quarter of small's arithmetic) or auto "
              "(small at 32 px and less; the ImageNet stem in a CPU time budget at 32 px that runs in fp32, where "
              "the small stem leaves too few steps)"),
     ("optimizer", "sgd, lars or adamw"),

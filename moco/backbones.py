@@ -17,9 +17,12 @@ def build_backbone(arch: str, *, stem: str = "imagenet", image_size: int = 224) 
     if arch.startswith("resnet"):
         # zero_init_residual follows the official MoCo/torchvision ImageNet recipes.
         net = getattr(models, arch)(weights=None, zero_init_residual=True)
-        if stem == "small":
+        if stem in ("small", "small_pool"):
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if stem == "small":
             net.maxpool = nn.Identity()
+        # "small_pool" keeps the max-pool: the first stage runs at half the input's side, a
+        # quarter of the small stem's arithmetic, for CPU budgets where steps are what is scarce.
         net.fc = nn.Identity()
         return net
     if arch == "vit_small":

@@ -31,7 +31,7 @@ class TrainConfig:
 
     preset: str = "v2"
     arch: str = "resnet18"
-    stem: str = "auto"  # "imagenet" (7x7/2 conv + max-pool) or "small" (3x3/1 conv, no pool)
+    stem: str = "auto"  # "imagenet" (7x7/2 conv + max-pool), "small" (3x3/1 conv, no pool), "small_pool" (3x3/1 + pool)
     image_size: int = 64
     batch_size: int = 256
     epochs: int = 100  # with time_budget: derived from the plan (the last epoch may be partial)
@@ -157,13 +157,16 @@ def build_config(overrides: dict[str, Any]) -> TrainConfig:
     return config
 
 
+STEMS = ("auto", "imagenet", "small", "small_pool")
+
+
 def validate(config: TrainConfig) -> None:
     if config.image_size < 16:
         raise ConfigError(f"--image-size must be at least 16, got {config.image_size}")
     if config.arch == "vit_small" and config.image_size % 16:
         raise ConfigError(f"vit_small needs --image-size divisible by 16, got {config.image_size}")
-    if config.stem not in ("auto", "imagenet", "small"):
-        raise ConfigError(f"--stem must be auto, imagenet or small, got {config.stem!r}")
+    if config.stem not in STEMS:
+        raise ConfigError(f"--stem must be {', '.join(STEMS[:-1])} or {STEMS[-1]}, got {config.stem!r}")
     if config.head not in ("linear", "mlp", "mlp_bn", "v3"):
         raise ConfigError(f"--head must be linear, mlp, mlp_bn or v3, got {config.head!r}")
     if config.optimizer not in ("sgd", "lars", "adamw"):

@@ -208,3 +208,23 @@ def test_shrinking_a_partly_filled_queue_keeps_its_real_keys_first():
     model.shrink_queue(6)
     assert model.queue.shape[1] == 6 and int(model.queue_filled) == 3 and int(model.queue_ptr) == 3
     assert torch.equal(model.queue[:, :3], keys.T)
+
+
+@pytest.mark.parametrize("stem, side", [("small", 32), ("small_pool", 16), ("imagenet", 8)])
+def test_each_stem_hands_the_first_stage_its_map_size(stem, side):
+    # The stems trade arithmetic for resolution: at 32 px the small stem keeps the whole map,
+    # small_pool halves its side with the max-pool, the ImageNet stem quarters it.
+    from moco.backbones import build_backbone
+
+    net = build_backbone("resnet18", stem=stem, image_size=32)
+    seen = []
+    net.layer1.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[-1]))
+    features = net(torch.zeros(2, 3, 32, 32))
+    assert features.shape == (2, 512) and seen == [side]
+
+
+def test_an_unknown_stem_is_refused_naming_the_choices():
+    from moco.config import ConfigError
+
+    with pytest.raises(ConfigError, match="small_pool"):
+        build_config({"stem": "tiny"})
