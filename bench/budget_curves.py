@@ -54,7 +54,7 @@ def main() -> int:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")  # below: never over a curve
     ax.set_title(args.title, fontsize=10)
-    figure.savefig(args.out, format="png")
+    figure.savefig(args.out, format="png", bbox_inches="tight")  # a long legend label is never cut off
     print(f"wrote {args.out}")
     return 0
 
