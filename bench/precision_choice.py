@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_name  # noqa: E402
-from moco.config import build_config  # noqa: E402
+from moco.config import STEMS, build_config  # noqa: E402
 from moco.defaults import fit_recipe  # noqa: E402
 from moco.precision import BF16_MIN_SPEEDUP, cpu_has_fast_bf16  # noqa: E402
 from moco.step_timing import precision_rates  # noqa: E402
@@ -34,7 +34,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="32,48,64,96,128", help="comma-separated image sizes")
     parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--stem", default="auto", choices=("auto", "imagenet", "small"),
+    parser.add_argument("--stem", default="auto", choices=STEMS,
                         help="as moco train's --stem (auto: the small stem below 64 px)")
     parser.add_argument("--batch-size", type=int, default=256, help="the run's batch (the timing caps it)")
     parser.add_argument("--repeats", type=int, default=3)

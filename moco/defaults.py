@@ -189,7 +189,7 @@ def fit_stem_to_precision(config: TrainConfig, device_type: str) -> list[str]:
     (BENCHMARKS.md, issue 19): small stem in fp32 170 steps, kNN 0.356 (10,000-image bank); the
     ImageNet stem in fp32 1,400-1,700 steps, 0.415 +- 0.008 (50,000-image bank), 0.383 after only
     15 minutes (10,000-image bank); the small stem in bf16 (2.6x the fp32 steps) 0.430. With issue 7's
-    evaluation on 2026-12-03: the small stem in bf16 0.470 +- 0.008 (3 seeds, 527-565 steps), the
+    evaluation on 2026-12-03: the small stem in bf16 0.470 +- 0.007 (3 seeds, 527-565 steps), the
     ImageNet stem in fp32 0.455 (2,070 steps), where the small stem in fp32 would make ~200. So the stem
     follows the precision, decided after `--precision auto` timed the small stem's step. Epoch
     runs (the length is fixed, not the minutes), GPUs and sizes below 32 px (the ImageNet stem
